@@ -1,0 +1,63 @@
+/** ORM options for the configured database, and start-up (connect + migrate). */
+import { MikroORM as SqliteORM, defineConfig as defineSqlite } from '@mikro-orm/sqlite';
+import type { EntityManager } from '@mikro-orm/knex';
+import { Migrator } from '@mikro-orm/migrations';
+import type { Logger } from 'pino';
+import type { DatabaseConfig } from '../config';
+import { entities } from './entities';
+import { migrationsList } from './migrations';
+
+export type Orm = { em: EntityManager; close(force?: boolean): Promise<void>; kind: DatabaseConfig['kind'] };
+
+interface SqliteRawConnection {
+  exec(sql: string, cb: (err: Error | null) => void): void;
+}
+
+const SQLITE_PRAGMAS = [
+  'pragma journal_mode = wal',
+  'pragma busy_timeout = 5000',
+  'pragma foreign_keys = on',
+  'pragma synchronous = full',
+].join('; ');
+
+export async function openOrm(db: DatabaseConfig, log: Logger): Promise<Orm> {
+  const common = {
+    entities,
+    extensions: [Migrator],
+    discovery: { warnWhenNoEntities: true },
+    migrations: { migrationsList, transactional: true, allOrNothing: true, snapshot: false, silent: true },
+    debug: false,
+    allowGlobalContext: false,
+    forceUndefined: false,
+    implicitTransactions: true,
+  };
+  let orm: SqliteORM | import('@mikro-orm/postgresql').MikroORM;
+  if (db.kind === 'sqlite') {
+    orm = await SqliteORM.init(
+      defineSqlite({
+        ...common,
+        dbName: db.path,
+        pool: {
+          min: 1,
+          max: 1,
+          afterCreate: (conn: SqliteRawConnection, done: (err: Error | null, conn: unknown) => void) =>
+            conn.exec(SQLITE_PRAGMAS, (err) => done(err, conn)),
+        },
+      }),
+    );
+  } else {
+    const pg = await import('@mikro-orm/postgresql');
+    orm = await pg.MikroORM.init(pg.defineConfig({ ...common, clientUrl: db.url }));
+  }
+  const migrator = orm.getMigrator();
+  const pending = await migrator.getPendingMigrations();
+  if (pending.length > 0) {
+    log.info({ migrations: pending.map((m) => m.name) }, 'applying migrations');
+    await migrator.up();
+  }
+  return {
+    em: orm.em as unknown as EntityManager,
+    kind: db.kind,
+    close: (force?: boolean) => orm.close(force),
+  };
+}

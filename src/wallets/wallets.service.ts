@@ -1,0 +1,205 @@
+/**
+ * Wallets and their ledger. The balance is a cache of the ledger: every
+ * credit and debit updates the balance with a conditional UPDATE and writes a
+ * ledger row in the same transaction, so `balance == credits - debits` and
+ * `balance >= 0` hold on SQLite (which ignores row locks) and PostgreSQL alike.
+ */
+import type { EntityManager } from '@mikro-orm/knex';
+import type { Logger } from 'pino';
+import { checkRequestId, findIdempotent, requestHash, saveIdempotent } from '../db/idempotency';
+import { epochMs, int64 } from '../db/types';
+import type { Clock } from '../shared/clock';
+import { failedPrecondition, invalidArgument, notFound } from '../shared/errors';
+import { INT64_MAX } from '../shared/money';
+import { pageOf, readPage, type PageRequest } from '../shared/paging';
+import { getLiveUser } from '../users/users.service';
+import { Wallet, WalletTransaction } from './wallet.entity';
+
+export interface WalletView {
+  userId: number;
+  balance: bigint;
+  createdAt: Date;
+  updatedAt: Date;
+}
+
+export interface AddFundsResult {
+  wallet: WalletView;
+  transaction: WalletTransaction;
+  /** True when the request_id was seen before and nothing changed now. */
+  replayed: boolean;
+}
+
+export interface WalletsService {
+  getWallet(em: EntityManager, userId: number): Promise<WalletView>;
+  getBalance(em: EntityManager, userId: number): Promise<bigint>;
+  addFunds(em: EntityManager, userId: number, amount: bigint, requestId: string): Promise<AddFundsResult>;
+  listTransactions(em: EntityManager, userId: number, page: PageRequest): Promise<{ items: WalletTransaction[]; nextPageToken: string }>;
+}
+
+type LedgerRow = {
+  id: number | string;
+  user_id: number | string;
+  type: 'CREDIT' | 'DEBIT';
+  amount: string;
+  balance_after: string;
+  billing_record_id: number | string | null;
+  request_id: string | null;
+  created_at: number | string;
+};
+
+const LEDGER_COLUMNS =
+  'id, user_id, type, cast(amount as text) as amount, cast(balance_after as text) as balance_after, billing_record_id, request_id, created_at';
+
+function toTransaction(row: LedgerRow): WalletTransaction {
+  const t = new WalletTransaction();
+  t.id = Number(row.id);
+  t.userId = Number(row.user_id);
+  t.type = row.type;
+  t.amount = int64(row.amount);
+  t.balanceAfter = int64(row.balance_after);
+  t.billingRecordId = row.billing_record_id === null ? null : Number(row.billing_record_id);
+  t.requestId = row.request_id;
+  t.createdAt = epochMs(row.created_at);
+  return t;
+}
+
+async function insertLedgerRow(
+  tx: EntityManager,
+  row: { userId: number; type: 'CREDIT' | 'DEBIT'; amount: bigint; balanceAfter: bigint; billingRecordId: number | null; requestId: string | null; now: Date },
+): Promise<WalletTransaction> {
+  const inserted = await tx.execute<LedgerRow[]>(
+    `insert into wallet_transactions (user_id, type, amount, balance_after, billing_record_id, request_id, created_at)
+     values (?, ?, cast(? as bigint), cast(? as bigint), ?, ?, ?) returning ${LEDGER_COLUMNS}`,
+    [row.userId, row.type, row.amount.toString(), row.balanceAfter.toString(), row.billingRecordId, row.requestId, row.now.getTime()],
+    'all',
+  );
+  return toTransaction(inserted[0]);
+}
+
+/**
+ * Debits a wallet for a billing record inside the caller's transaction.
+ * Returns the DEBIT ledger row, or null when the balance is short (nothing
+ * changes then). The UPDATE's condition is what keeps the balance >= 0.
+ */
+export async function debitWallet(
+  tx: EntityManager,
+  userId: number,
+  amount: bigint,
+  billingRecordId: number,
+  now: Date,
+): Promise<WalletTransaction | null> {
+  const updated = await tx.execute<{ balance: string }[]>(
+    `update wallets set balance = balance - cast(? as bigint), updated_at = ?
+     where user_id = ? and balance >= cast(? as bigint) returning cast(balance as text) as balance`,
+    [amount.toString(), now.getTime(), userId, amount.toString()],
+    'all',
+  );
+  if (updated.length === 0) return null;
+  return insertLedgerRow(tx, {
+    userId,
+    type: 'DEBIT',
+    amount,
+    balanceAfter: int64(updated[0].balance),
+    billingRecordId,
+    requestId: null,
+    now,
+  });
+}
+
+export interface WalletsDeps {
+  clock: Clock;
+  log: Logger;
+  /**
+   * Called after a credit commits: charges the user's unpaid records (the
+   * billing engine's settlement). Its failure never undoes the credit; the
+   * retry scheduler or a later top-up settles instead.
+   */
+  settle?: (em: EntityManager, userId: number) => Promise<unknown>;
+}
+
+export function createWalletsService(deps: WalletsDeps): WalletsService {
+  const { clock, log, settle } = deps;
+
+  async function readWallet(em: EntityManager, userId: number): Promise<WalletView> {
+    const rows = await em.execute<{ balance: string; created_at: number | string; updated_at: number | string }[]>(
+      `select cast(w.balance as text) as balance, w.created_at, w.updated_at
+       from wallets w join users u on u.id = w.user_id where w.user_id = ? and u.deleted_at is null`,
+      [userId],
+    );
+    if (rows.length === 0) throw notFound('USER_NOT_FOUND', `user ${userId} not found`);
+    const r = rows[0];
+    return { userId, balance: int64(r.balance), createdAt: epochMs(r.created_at), updatedAt: epochMs(r.updated_at) };
+  }
+
+  return {
+    getWallet: readWallet,
+
+    async getBalance(em, userId) {
+      return (await readWallet(em, userId)).balance;
+    },
+
+    async addFunds(em, userId, amount, rawRequestId) {
+      if (amount <= 0n) throw invalidArgument('amount', 'NON_POSITIVE_AMOUNT', 'amount must be greater than zero');
+      const requestId = checkRequestId(rawRequestId);
+      const hash = requestHash({ userId, amount });
+      const result = await em.transactional(async (tx): Promise<AddFundsResult> => {
+        if (requestId) {
+          const txId = await findIdempotent(tx, 'AddFunds', requestId, hash);
+          if (txId !== null) {
+            // Replay the first response, rebuilt from its ledger row.
+            const rows = await tx.execute<LedgerRow[]>(`select ${LEDGER_COLUMNS} from wallet_transactions where id = ?`, [txId]);
+            const transaction = toTransaction(rows[0]);
+            const wallet = await tx.findOneOrFail(Wallet, { userId });
+            return {
+              wallet: { userId, balance: transaction.balanceAfter, createdAt: wallet.createdAt, updatedAt: transaction.createdAt },
+              transaction,
+              replayed: true,
+            };
+          }
+        }
+        await getLiveUser(tx, userId);
+        const now = clock.now();
+        const updated = await tx.execute<{ balance: string; created_at: number | string }[]>(
+          `update wallets set balance = balance + cast(? as bigint), updated_at = ?
+           where user_id = ? and balance <= cast(? as bigint) returning cast(balance as text) as balance, created_at`,
+          [amount.toString(), now.getTime(), userId, (INT64_MAX - amount).toString()],
+          'all',
+        );
+        if (updated.length === 0) {
+          throw failedPrecondition('BALANCE_OVERFLOW', 'the balance would exceed the largest amount a wallet can hold');
+        }
+        const balance = int64(updated[0].balance);
+        const transaction = await insertLedgerRow(tx, {
+          userId,
+          type: 'CREDIT',
+          amount,
+          balanceAfter: balance,
+          billingRecordId: null,
+          requestId,
+          now,
+        });
+        if (requestId) await saveIdempotent(tx, 'AddFunds', requestId, hash, transaction.id, now);
+        return {
+          wallet: { userId, balance, createdAt: epochMs(updated[0].created_at), updatedAt: now },
+          transaction,
+          replayed: false,
+        };
+      });
+      if (!result.replayed && settle) {
+        await settle(em, userId).catch((err: unknown) => log.error({ err, userId }, 'settling after AddFunds failed'));
+      }
+      return result;
+    },
+
+    async listTransactions(em, userId, pageReq) {
+      const page = readPage(pageReq, { userId });
+      await getLiveUser(em, userId);
+      const rows = await em.find(
+        WalletTransaction,
+        { userId, id: { $gt: page.afterId } },
+        { orderBy: { id: 'asc' }, limit: page.limit },
+      );
+      return pageOf(rows, page);
+    },
+  };
+}

@@ -1,0 +1,177 @@
+import { ConfigError, loadConfig } from '../../src/config';
+
+type Env = Record<string, string | undefined>;
+
+/** The error `loadConfig(env)` throws; fails the test if it returns. */
+function configErrorFor(env: Env): ConfigError {
+  let thrown: unknown;
+  try {
+    loadConfig(env);
+  } catch (e) {
+    thrown = e;
+  }
+  if (thrown === undefined) throw new Error(`expected loadConfig(${JSON.stringify(env)}) to throw`);
+  expect(thrown).toBeInstanceOf(ConfigError);
+  return thrown as ConfigError;
+}
+
+describe('loadConfig defaults', () => {
+  const config = loadConfig({});
+
+  it('listens on 127.0.0.1:50051', () => {
+    expect(config.grpcHost).toBe('127.0.0.1');
+    expect(config.grpcPort).toBe(50051);
+  });
+
+  it('uses SQLite at ./billing.db', () => {
+    expect(config.database).toEqual({ kind: 'sqlite', path: './billing.db' });
+  });
+
+  it('bills in USD at log level info', () => {
+    expect(config.currency).toBe('USD');
+    expect(config.logLevel).toBe('info');
+  });
+
+  it('prices the four default services in micros', () => {
+    expect(config.pricing).toEqual(
+      new Map([
+        ['api-calls', 10_000n],
+        ['storage', 50_000n],
+        ['bandwidth', 20_000n],
+        ['compute', 100_000n],
+      ]),
+    );
+    expect(config.pricing.get('api-calls')).toBe(10_000n);
+    expect(config.pricing.get('compute')).toBe(100_000n);
+  });
+
+  it('retries from a 1000 ms base up to 5 times', () => {
+    expect(config.retryBaseDelayMs).toBe(1000);
+    expect(config.maxRetries).toBe(5);
+  });
+
+  it('ingests hourly from ./data/usage-logs.json', () => {
+    expect(config.ingestCron).toBe('0 * * * *');
+    expect(config.logFilePath).toBe('./data/usage-logs.json');
+  });
+
+  it('treats empty strings as unset for numbers and paths', () => {
+    const c = loadConfig({ GRPC_PORT: '', LOG_FILE_PATH: '', DB_PATH: '', MAX_RETRIES: '' });
+    expect(c.grpcPort).toBe(50051);
+    expect(c.logFilePath).toBe('./data/usage-logs.json');
+    expect(c.database).toEqual({ kind: 'sqlite', path: './billing.db' });
+    expect(c.maxRetries).toBe(5);
+  });
+});
+
+describe('loadConfig overrides', () => {
+  it('reads host, port, paths, retries and log level', () => {
+    const c = loadConfig({
+      GRPC_HOST: '0.0.0.0',
+      GRPC_PORT: '6000',
+      DB_PATH: '/var/lib/billing.db',
+      LOG_FILE_PATH: '/logs/usage.ndjson',
+      RETRY_BASE_DELAY_MS: '250',
+      MAX_RETRIES: '0',
+      LOG_LEVEL: 'debug',
+    });
+    expect(c.grpcHost).toBe('0.0.0.0');
+    expect(c.grpcPort).toBe(6000);
+    expect(c.database).toEqual({ kind: 'sqlite', path: '/var/lib/billing.db' });
+    expect(c.logFilePath).toBe('/logs/usage.ndjson');
+    expect(c.retryBaseDelayMs).toBe(250);
+    expect(c.maxRetries).toBe(0);
+    expect(c.logLevel).toBe('debug');
+  });
+
+  it('accepts port 0 and 65535 and MAX_RETRIES 30', () => {
+    expect(loadConfig({ GRPC_PORT: '0' }).grpcPort).toBe(0);
+    expect(loadConfig({ GRPC_PORT: '65535' }).grpcPort).toBe(65535);
+    expect(loadConfig({ MAX_RETRIES: '30' }).maxRetries).toBe(30);
+  });
+
+  it('upper-cases the currency code', () => {
+    expect(loadConfig({ CURRENCY: 'eur' }).currency).toBe('EUR');
+  });
+
+  it('disables the ingest schedule with INGEST_CRON=off', () => {
+    expect(loadConfig({ INGEST_CRON: 'off' }).ingestCron).toBeNull();
+  });
+
+  it('keeps a custom valid INGEST_CRON', () => {
+    expect(loadConfig({ INGEST_CRON: '*/5 * * * *' }).ingestCron).toBe('*/5 * * * *');
+  });
+
+  it.each(['postgres://user:pw@db:5432/billing', 'postgresql://user:pw@db:5432/billing'])(
+    'selects PostgreSQL for DATABASE_URL %s',
+    (url) => {
+      expect(loadConfig({ DATABASE_URL: url, DB_PATH: '/ignored.db' }).database).toEqual({ kind: 'postgresql', url });
+    },
+  );
+
+  it('replaces the default price list with a custom PRICING', () => {
+    const c = loadConfig({ PRICING: '{"gpu-hours":"1.25","api-calls":"0.001","free":"0"}' });
+    expect(c.pricing).toEqual(
+      new Map([
+        ['gpu-hours', 1_250_000n],
+        ['api-calls', 1_000n],
+        ['free', 0n],
+      ]),
+    );
+    expect(c.pricing.has('storage')).toBe(false);
+  });
+});
+
+describe('loadConfig rejects invalid values with a ConfigError naming the variable', () => {
+  it.each<[string, Env]>([
+    ['GRPC_PORT', { GRPC_PORT: 'abc' }],
+    ['GRPC_PORT', { GRPC_PORT: '70000' }],
+    ['GRPC_PORT', { GRPC_PORT: '-1' }],
+    ['GRPC_PORT', { GRPC_PORT: '80.5' }],
+    ['CURRENCY', { CURRENCY: 'US' }],
+    ['CURRENCY', { CURRENCY: 'US1' }],
+    ['LOG_LEVEL', { LOG_LEVEL: 'loud' }],
+    ['PRICING', { PRICING: 'not json' }],
+    ['PRICING', { PRICING: '["0.01"]' }],
+    ['PRICING', { PRICING: '"0.01"' }],
+    ['PRICING', { PRICING: '{"api-calls":0.01}' }],
+    ['PRICING', { PRICING: '{"api-calls":"-0.01"}' }],
+    ['PRICING', { PRICING: '{"api-calls":"0.0000001"}' }],
+    ['PRICING', { PRICING: '{"api-calls":"cheap"}' }],
+    ['PRICING', { PRICING: '{" api-calls":"0.01"}' }],
+    ['INGEST_CRON', { INGEST_CRON: 'not a cron' }],
+    ['INGEST_CRON', { INGEST_CRON: '61 * * * *' }],
+    ['DATABASE_URL', { DATABASE_URL: 'mysql://x' }],
+    ['RETRY_BASE_DELAY_MS', { RETRY_BASE_DELAY_MS: '0' }],
+    ['MAX_RETRIES', { MAX_RETRIES: '31' }],
+    ['MAX_RETRIES', { MAX_RETRIES: 'five' }],
+  ])('%s in %j', (name, env) => {
+    expect(configErrorFor(env).message).toContain(name);
+  });
+
+  it('names the service whose price is a JSON number', () => {
+    expect(configErrorFor({ PRICING: '{"storage":0.05}' }).message).toContain('storage');
+  });
+});
+
+describe('loadConfig result', () => {
+  it('is frozen: assigning a setting throws and leaves it unchanged', () => {
+    const c = loadConfig({});
+    expect(Object.isFrozen(c)).toBe(true);
+    expect(() => {
+      (c as { grpcPort: number }).grpcPort = 1;
+    }).toThrow(TypeError);
+    expect(c.grpcPort).toBe(50051);
+  });
+
+  it('does not read process.env when given an explicit env', () => {
+    const saved = process.env.GRPC_PORT;
+    process.env.GRPC_PORT = '12345';
+    try {
+      expect(loadConfig({}).grpcPort).toBe(50051);
+    } finally {
+      if (saved === undefined) delete process.env.GRPC_PORT;
+      else process.env.GRPC_PORT = saved;
+    }
+  });
+});
