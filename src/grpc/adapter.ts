@@ -1,0 +1,83 @@
+/**
+ * The unary adapter: turns a plain `async (request, ctx) => response` into a
+ * grpc-js handler.
+ *
+ * - Each call gets its own unit of work: `rootEm.fork()`, handed down in ctx.
+ * - The callback runs exactly once, with the response or with the status the
+ *   error table (./status.ts) picks for whatever was thrown.
+ * - grpc-js does not await handlers, so no rejection may escape from here: an
+ *   unhandled rejection would stop the process.
+ * - One log line per RPC: { method, code, reason?, durationMs }, at info for
+ *   OK and client errors, at error for INTERNAL and UNAVAILABLE.
+ */
+import * as grpc from '@grpc/grpc-js';
+import type { EntityManager } from '@mikro-orm/knex';
+import type { Logger } from 'pino';
+import { describeError, INTERNAL_MESSAGE, INTERNAL_REASON, type ErrorStatus } from './status';
+
+export interface CallContext {
+  /** This call's own fork of the root entity manager. */
+  em: EntityManager;
+  /** The request metadata (headers). */
+  metadata: grpc.Metadata;
+}
+
+export type UnaryHandler<Req, Res> = (request: Req, ctx: CallContext) => Promise<Res>;
+
+export type Unary = <Req, Res>(name: string, handler: UnaryHandler<Req, Res>) => grpc.handleUnaryCall<Req, Res>;
+
+export interface AdapterDeps {
+  /** The root entity manager; never used directly, only forked. */
+  em: EntityManager;
+  log: Logger;
+}
+
+const SERVER_FAULTS: ReadonlySet<grpc.status> = new Set([grpc.status.INTERNAL, grpc.status.UNAVAILABLE]);
+
+/** Builds `unary(name, handler)` over the given root entity manager and logger. */
+export function createUnary(deps: AdapterDeps): Unary {
+  const { em: rootEm, log } = deps;
+
+  return <Req, Res>(name: string, handler: UnaryHandler<Req, Res>): grpc.handleUnaryCall<Req, Res> =>
+    (call, callback) => {
+      const started = process.hrtime.bigint();
+      let answered = false;
+      const durationMs = () => Number(process.hrtime.bigint() - started) / 1e6;
+
+      const succeed = (response: Res) => {
+        if (answered) return;
+        answered = true;
+        callback(null, response);
+        log.info({ method: name, code: 'OK', durationMs: durationMs() }, 'rpc');
+      };
+
+      const fail = (err: unknown) => {
+        if (answered) return;
+        answered = true;
+        let status: ErrorStatus;
+        try {
+          status = describeError(err, log);
+        } catch {
+          // The error table itself must not break the one-callback promise.
+          status = { code: grpc.status.INTERNAL, details: INTERNAL_MESSAGE, metadata: new grpc.Metadata(), reason: INTERNAL_REASON };
+        }
+        callback({ code: status.code, details: status.details, metadata: status.metadata });
+        const line = { method: name, code: grpc.status[status.code], reason: status.reason, durationMs: durationMs() };
+        if (SERVER_FAULTS.has(status.code)) log.error(line, 'rpc');
+        else log.info(line, 'rpc');
+      };
+
+      // Promise.resolve().then also catches a handler that throws synchronously.
+      Promise.resolve()
+        .then(() => handler(call.request, { em: rootEm.fork(), metadata: call.metadata }))
+        .then(succeed, fail)
+        .catch((err: unknown) => {
+          // Only reached if calling back or logging threw; never let it escape.
+          try {
+            log.error({ err, method: name }, 'rpc adapter failure');
+          } catch {
+            /* the logger is gone too; nothing left to report to */
+          }
+        });
+    };
+}

@@ -1,0 +1,211 @@
+/**
+ * Translation between domain values and protobuf messages, both ways.
+ *
+ * Out: ids become bigint (a missing id is 0), money goes through
+ * microsToMoney, quantities are exact decimal strings, missing instants are
+ * left unset. In: enum numbers the service does not know are rejected with
+ * INVALID_ENUM, and *_UNSPECIFIED filters mean "any" (null).
+ */
+import type { RecordView, ChargeOutcome } from '../billing/billing.types';
+import type { BillingRecordStatus, LineItem } from '../billing/billing-record.entity';
+import type { JobKind, JobRun, JobRunStatus } from '../jobs/job-run.entity';
+import { invalidArgument } from '../shared/errors';
+import { toId } from '../shared/ids';
+import { formatDecimal, microsToMoney, QUANTITY_SCALE } from '../shared/money';
+import type { PageRequest } from '../shared/paging';
+import type { UsageLog, UsageLogStatus } from '../usage/usage-log.entity';
+import type { User, UserStatus } from '../users/user.entity';
+import type { WalletTransaction, WalletTransactionType } from '../wallets/wallet.entity';
+import type { WalletView } from '../wallets/wallets.service';
+import * as billingPb from '../../generated/billing/v1/billing_service';
+import * as jobPb from '../../generated/billing/v1/job_service';
+import type * as moneyPb from '../../generated/billing/v1/money';
+import * as userPb from '../../generated/billing/v1/user_service';
+import * as walletPb from '../../generated/billing/v1/wallet_service';
+
+const pbId = (id: number | null): bigint => (id === null ? 0n : BigInt(id));
+const pbTime = (at: Date | null): Date | undefined => at ?? undefined;
+
+export function money(micros: bigint, currency: string): moneyPb.Money {
+  return microsToMoney(micros, currency);
+}
+
+export const quantityToPb = (quantity: bigint): string => formatDecimal(quantity, QUANTITY_SCALE);
+
+// ---- enums, domain -> protobuf -------------------------------------------
+
+const USER_STATUS: Record<UserStatus, userPb.UserStatus> = {
+  ACTIVE: userPb.UserStatus.USER_STATUS_ACTIVE,
+  SUSPENDED: userPb.UserStatus.USER_STATUS_SUSPENDED,
+};
+
+const TRANSACTION_TYPE: Record<WalletTransactionType, walletPb.WalletTransactionType> = {
+  CREDIT: walletPb.WalletTransactionType.WALLET_TRANSACTION_TYPE_CREDIT,
+  DEBIT: walletPb.WalletTransactionType.WALLET_TRANSACTION_TYPE_DEBIT,
+};
+
+const RECORD_STATUS: Record<BillingRecordStatus, billingPb.BillingRecordStatus> = {
+  PENDING: billingPb.BillingRecordStatus.BILLING_RECORD_STATUS_PENDING,
+  PAID: billingPb.BillingRecordStatus.BILLING_RECORD_STATUS_PAID,
+  FAILED: billingPb.BillingRecordStatus.BILLING_RECORD_STATUS_FAILED,
+};
+
+const CHARGE_OUTCOME: Record<ChargeOutcome, billingPb.ChargeOutcome> = {
+  CHARGED: billingPb.ChargeOutcome.CHARGE_OUTCOME_CHARGED,
+  ALREADY_PAID: billingPb.ChargeOutcome.CHARGE_OUTCOME_ALREADY_PAID,
+  RETRY_SCHEDULED: billingPb.ChargeOutcome.CHARGE_OUTCOME_RETRY_SCHEDULED,
+  FAILED: billingPb.ChargeOutcome.CHARGE_OUTCOME_FAILED,
+};
+
+const USAGE_STATUS: Record<UsageLogStatus, billingPb.UsageLogStatus> = {
+  PENDING: billingPb.UsageLogStatus.USAGE_LOG_STATUS_PENDING,
+  BILLED: billingPb.UsageLogStatus.USAGE_LOG_STATUS_BILLED,
+  REJECTED: billingPb.UsageLogStatus.USAGE_LOG_STATUS_REJECTED,
+};
+
+const JOB_KIND: Record<JobKind, jobPb.JobKind> = {
+  PROCESS_LOGS: jobPb.JobKind.JOB_KIND_PROCESS_LOGS,
+  PROCESS_RETRIES: jobPb.JobKind.JOB_KIND_PROCESS_RETRIES,
+  PROCESS_ALL: jobPb.JobKind.JOB_KIND_PROCESS_ALL,
+};
+
+const JOB_STATUS: Record<JobRunStatus, jobPb.JobRunStatus> = {
+  RUNNING: jobPb.JobRunStatus.JOB_RUN_STATUS_RUNNING,
+  SUCCEEDED: jobPb.JobRunStatus.JOB_RUN_STATUS_SUCCEEDED,
+  FAILED: jobPb.JobRunStatus.JOB_RUN_STATUS_FAILED,
+};
+
+export const chargeOutcomeToPb = (outcome: ChargeOutcome): billingPb.ChargeOutcome => CHARGE_OUTCOME[outcome];
+
+// ---- messages, domain -> protobuf ----------------------------------------
+
+export function userToPb(user: User): userPb.User {
+  return {
+    id: pbId(user.id),
+    email: user.email,
+    name: user.name,
+    status: USER_STATUS[user.status],
+    suspensionReason: user.suspensionReason,
+    createTime: pbTime(user.createdAt),
+    updateTime: pbTime(user.updatedAt),
+  };
+}
+
+export function walletToPb(wallet: WalletView, currency: string): walletPb.Wallet {
+  return {
+    userId: pbId(wallet.userId),
+    balance: money(wallet.balance, currency),
+    createTime: pbTime(wallet.createdAt),
+    updateTime: pbTime(wallet.updatedAt),
+  };
+}
+
+export function walletTransactionToPb(t: WalletTransaction, currency: string): walletPb.WalletTransaction {
+  return {
+    id: pbId(t.id),
+    userId: pbId(t.userId),
+    type: TRANSACTION_TYPE[t.type],
+    amount: money(t.amount, currency),
+    balanceAfter: money(t.balanceAfter, currency),
+    billingRecordId: pbId(t.billingRecordId),
+    requestId: t.requestId ?? '',
+    createTime: pbTime(t.createdAt),
+  };
+}
+
+export function lineItemToPb(item: LineItem, currency: string): billingPb.LineItem {
+  return {
+    service: item.service,
+    quantity: quantityToPb(item.quantity),
+    unitPrice: money(item.unitPrice, currency),
+    amount: money(item.amount, currency),
+  };
+}
+
+export function billingRecordToPb(view: RecordView, currency: string): billingPb.BillingRecord {
+  const { record, lineItems } = view;
+  return {
+    id: pbId(record.id),
+    userId: pbId(record.userId),
+    amount: money(record.amount, currency),
+    status: RECORD_STATUS[record.status],
+    description: record.description,
+    lineItems: lineItems.map((item) => lineItemToPb(item, currency)),
+    attemptCount: record.attemptCount,
+    nextAttemptTime: pbTime(record.nextAttemptAt),
+    failureReason: record.failureReason,
+    createTime: pbTime(record.createdAt),
+    updateTime: pbTime(record.updatedAt),
+    paidTime: pbTime(record.paidAt),
+  };
+}
+
+export function usageLogToPb(log: UsageLog): billingPb.UsageLog {
+  return {
+    id: pbId(log.id),
+    userId: pbId(log.userId),
+    service: log.service,
+    quantity: quantityToPb(log.quantity),
+    timestamp: pbTime(log.usageAt),
+    status: USAGE_STATUS[log.status],
+    reason: log.reason,
+    billingRecordId: pbId(log.billingRecordId),
+    ingestTime: pbTime(log.ingestedAt),
+  };
+}
+
+export function jobRunToPb(run: JobRun): jobPb.JobRun {
+  return {
+    id: pbId(run.id),
+    kind: JOB_KIND[run.kind],
+    status: JOB_STATUS[run.status],
+    trigger: run.trigger,
+    startTime: pbTime(run.startedAt),
+    endTime: pbTime(run.endedAt),
+    entriesRead: BigInt(run.entriesRead),
+    entriesAccepted: BigInt(run.entriesAccepted),
+    entriesDuplicate: BigInt(run.entriesDuplicate),
+    entriesRejected: BigInt(run.entriesRejected),
+    entriesPending: BigInt(run.entriesPending),
+    billingRecordsCreated: BigInt(run.billingRecordsCreated),
+    chargesSucceeded: BigInt(run.chargesSucceeded),
+    retriesScheduled: BigInt(run.retriesScheduled),
+    recordsFailed: BigInt(run.recordsFailed),
+    usersSuspended: BigInt(run.usersSuspended),
+    errorMessage: run.errorMessage,
+  };
+}
+
+// ---- requests, protobuf -> domain ----------------------------------------
+
+/**
+ * Reads an enum filter: UNSPECIFIED (0) is "any" (null); a number the table
+ * does not know (from a newer client, or garbage) is INVALID_ENUM.
+ */
+function enumFilter<D extends string>(value: number, table: Record<D, number>, field: string): D | null {
+  if (value === 0) return null;
+  for (const [domain, wire] of Object.entries(table) as [D, number][]) {
+    if (wire === value) return domain;
+  }
+  throw invalidArgument(field, 'INVALID_ENUM', `${field} has an unknown value ${value}`);
+}
+
+export const parseUserStatusFilter = (value: userPb.UserStatus, field = 'status'): UserStatus | null =>
+  enumFilter(value, USER_STATUS, field);
+
+export const parseBillingRecordStatusFilter = (
+  value: billingPb.BillingRecordStatus,
+  field = 'status',
+): BillingRecordStatus | null => enumFilter(value, RECORD_STATUS, field);
+
+export const parseUsageLogStatusFilter = (value: billingPb.UsageLogStatus, field = 'status'): UsageLogStatus | null =>
+  enumFilter(value, USAGE_STATUS, field);
+
+/** A user_id filter: 0 means every user (null), anything else must be a valid id. */
+export const userIdFilter = (value: bigint, field = 'user_id'): number | null => (value === 0n ? null : toId(value, field));
+
+/** page_size / page_token as the domain's PageRequest (paging.ts validates them). */
+export const pageRequest = (req: { pageSize: number; pageToken: string }): PageRequest => ({
+  pageSize: req.pageSize,
+  pageToken: req.pageToken,
+});
