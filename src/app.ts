@@ -1,0 +1,102 @@
+/**
+ * Composition root: config -> logger -> orm -> services -> gRPC server ->
+ * retry scheduler -> cron. main.ts adds signal handling; tests call startApp
+ * directly with port 0, a temporary database and, when they need one, a clock.
+ */
+import type { Logger } from 'pino';
+import type { Config } from './config';
+import { openOrm, type Orm } from './db/orm';
+import { createBillingService } from './billing/billing.service';
+import type { BillingService } from './billing/billing.types';
+import { createGrpcServer, type GrpcServer } from './grpc/server';
+import { createCron, type Cron } from './jobs/cron';
+import { createJobsService } from './jobs/jobs.service';
+import type { JobsService } from './jobs/jobs.types';
+import { createRetryScheduler, type RetryScheduler } from './jobs/retry-scheduler';
+import { systemClock, type Clock } from './shared/clock';
+import { createLogger } from './shared/logger';
+import { createIngestService } from './usage/ingest.service';
+import { createUsersService, type UsersService } from './users/users.service';
+import { createWalletsService, type WalletsService } from './wallets/wallets.service';
+
+export interface Services {
+  users: UsersService;
+  wallets: WalletsService;
+  billing: BillingService;
+  jobs: JobsService;
+}
+
+export interface App {
+  config: Readonly<Config>;
+  log: Logger;
+  orm: Orm;
+  services: Services;
+  grpc: GrpcServer;
+  scheduler: RetryScheduler;
+  cron: Cron | null;
+  /** The port the gRPC server listens on (useful with GRPC_PORT=0). */
+  port: number;
+  /** Graceful stop: NOT_SERVING, drain calls (bounded), stop jobs, close the database. */
+  stop(): Promise<void>;
+}
+
+export interface AppOptions {
+  clock?: Clock;
+  log?: Logger;
+  /** Start the real-time retry scheduler (default true). */
+  scheduler?: boolean;
+}
+
+export async function startApp(config: Readonly<Config>, opts: AppOptions = {}): Promise<App> {
+  const clock = opts.clock ?? systemClock;
+  const log = opts.log ?? createLogger(config.logLevel);
+  const orm = await openOrm(config.database, log);
+  try {
+    let scheduler: RetryScheduler | undefined;
+    const billing = createBillingService({
+      clock,
+      log,
+      pricing: config.pricing,
+      retryBaseDelayMs: config.retryBaseDelayMs,
+      maxRetries: config.maxRetries,
+      onRetryScheduled: (at) => scheduler?.wake(at),
+    });
+    const users = createUsersService({ clock });
+    const wallets = createWalletsService({ clock, log, settle: (em, userId) => billing.settleUser(em, userId) });
+    const ingest = createIngestService({
+      clock,
+      log,
+      pricing: config.pricing,
+      logFilePath: config.logFilePath,
+      maxFutureSkewMs: config.maxFutureSkewMs,
+      billing,
+    });
+    const jobs = createJobsService({ em: orm.em, clock, log, ingest, billing });
+    scheduler = createRetryScheduler({ em: orm.em, clock, log, billing, jobs });
+    const services: Services = { users, wallets, billing, jobs };
+
+    const grpc = createGrpcServer({ em: orm.em, services, log, currency: config.currency });
+    const port = await grpc.bind(config.grpcHost, config.grpcPort);
+    if (opts.scheduler !== false) await scheduler.start();
+    const cron = config.ingestCron ? createCron({ expression: config.ingestCron, jobs, log }) : null;
+    cron?.start();
+    grpc.setServing(true);
+    log.info({ host: config.grpcHost, port, database: config.database.kind }, 'billing-service ready');
+
+    let stopping: Promise<void> | undefined;
+    const stop = () =>
+      (stopping ??= (async () => {
+        grpc.setServing(false);
+        cron?.stop();
+        await grpc.shutdown(config.shutdownGraceMs);
+        await scheduler!.stop();
+        await cron?.idle();
+        await orm.close();
+        log.info('billing-service stopped');
+      })());
+    return { config, log, orm, services, grpc, scheduler, cron, port, stop };
+  } catch (err) {
+    await orm.close(true).catch(() => undefined);
+    throw err;
+  }
+}

@@ -1,0 +1,84 @@
+import { EntitySchema } from '@mikro-orm/core';
+import { EpochMsType } from '../db/types';
+
+export type JobKind = 'PROCESS_LOGS' | 'PROCESS_RETRIES' | 'PROCESS_ALL';
+export type JobRunStatus = 'RUNNING' | 'SUCCEEDED' | 'FAILED';
+
+/** What a run counted; every field starts at 0. */
+export interface JobCounts {
+  entriesRead: number;
+  entriesAccepted: number;
+  entriesDuplicate: number;
+  entriesRejected: number;
+  entriesPending: number;
+  billingRecordsCreated: number;
+  chargesSucceeded: number;
+  retriesScheduled: number;
+  recordsFailed: number;
+  usersSuspended: number;
+}
+
+export const emptyCounts = (): JobCounts => ({
+  entriesRead: 0,
+  entriesAccepted: 0,
+  entriesDuplicate: 0,
+  entriesRejected: 0,
+  entriesPending: 0,
+  billingRecordsCreated: 0,
+  chargesSucceeded: 0,
+  retriesScheduled: 0,
+  recordsFailed: 0,
+  usersSuspended: 0,
+});
+
+export class JobRun implements JobCounts {
+  id!: number;
+  kind: JobKind;
+  status: JobRunStatus = 'RUNNING';
+  trigger: string;
+  startedAt: Date;
+  endedAt: Date | null = null;
+  entriesRead = 0;
+  entriesAccepted = 0;
+  entriesDuplicate = 0;
+  entriesRejected = 0;
+  entriesPending = 0;
+  billingRecordsCreated = 0;
+  chargesSucceeded = 0;
+  retriesScheduled = 0;
+  recordsFailed = 0;
+  usersSuspended = 0;
+  errorMessage = '';
+
+  constructor(kind: JobKind, trigger: string, now: Date) {
+    this.kind = kind;
+    this.trigger = trigger;
+    this.startedAt = now;
+  }
+}
+
+const count = { type: 'number' } as const;
+
+export const JobRunSchema = new EntitySchema<JobRun>({
+  class: JobRun,
+  tableName: 'job_runs',
+  properties: {
+    id: { type: 'number', primary: true, autoincrement: true },
+    kind: { type: 'string' },
+    status: { type: 'string' },
+    trigger: { type: 'string' },
+    startedAt: { type: EpochMsType },
+    endedAt: { type: EpochMsType, nullable: true },
+    entriesRead: count,
+    entriesAccepted: count,
+    entriesDuplicate: count,
+    entriesRejected: count,
+    entriesPending: count,
+    billingRecordsCreated: count,
+    chargesSucceeded: count,
+    retriesScheduled: count,
+    recordsFailed: count,
+    usersSuspended: count,
+    errorMessage: { type: 'text' },
+  },
+});

@@ -1,0 +1,106 @@
+/**
+ * Job bodies over the services, with every run recorded in job_runs. A run of
+ * a kind already in progress in this process is joined, not started twice.
+ */
+import type { EntityManager } from '@mikro-orm/knex';
+import type { Logger } from 'pino';
+import type { BillingService } from '../billing/billing.types';
+import { isTransientDbError } from '../db/errors';
+import type { Clock } from '../shared/clock';
+import { pageOf, readPage } from '../shared/paging';
+import { UsageFileUnusable, type IngestService } from '../usage/ingest.service';
+import { JobRun, type JobCounts, type JobKind } from './job-run.entity';
+import type { JobsService, JobTrigger } from './jobs.types';
+
+export interface JobsDeps {
+  /** The root entity manager; each run forks its own. */
+  em: EntityManager;
+  clock: Clock;
+  log: Logger;
+  ingest: IngestService;
+  billing: BillingService;
+}
+
+type CountsDelta = { [K in keyof JobCounts]?: number } & { notice?: string };
+
+function add(run: JobRun, counts: CountsDelta): void {
+  for (const key of Object.keys(counts) as (keyof JobCounts | 'notice')[]) {
+    if (key === 'notice') continue;
+    run[key] += counts[key] ?? 0;
+  }
+  if (counts.notice) run.errorMessage = run.errorMessage ? `${run.errorMessage}; ${counts.notice}` : counts.notice;
+}
+
+/** What an operator may read about a failed run (no SQL or stack). */
+function describe(err: unknown): string {
+  if (err instanceof UsageFileUnusable) return err.message;
+  if (isTransientDbError(err)) return 'database unavailable; the run will be retried by the next trigger';
+  return `internal error (${(err as Error)?.name ?? 'Error'}); see the service log`;
+}
+
+export function createJobsService(deps: JobsDeps): JobsService {
+  const { clock, log } = deps;
+  const inFlight = new Map<JobKind, Promise<JobRun>>();
+
+  async function processLogs(em: EntityManager, run: JobRun): Promise<void> {
+    add(run, await deps.ingest.ingest(em, run.id));
+  }
+
+  async function processRetries(em: EntityManager, run: JobRun): Promise<void> {
+    add(run, await deps.billing.processDueRetries(em));
+  }
+
+  async function execute(kind: JobKind, trigger: JobTrigger): Promise<JobRun> {
+    const em = deps.em.fork();
+    const run = new JobRun(kind, trigger, clock.now());
+    await em.persistAndFlush(run);
+    try {
+      if (kind === 'PROCESS_LOGS' || kind === 'PROCESS_ALL') await processLogs(em, run);
+      if (kind === 'PROCESS_RETRIES' || kind === 'PROCESS_ALL') await processRetries(em, run);
+      run.status = 'SUCCEEDED';
+    } catch (err) {
+      run.status = 'FAILED';
+      const why = describe(err);
+      run.errorMessage = run.errorMessage ? `${why}; ${run.errorMessage}` : why;
+      if (err instanceof UsageFileUnusable) log.warn({ jobRunId: run.id, kind }, err.message);
+      else log.error({ err, jobRunId: run.id, kind }, 'job run failed');
+    }
+    run.endedAt = clock.now();
+    await em.flush();
+    log.info({ jobRunId: run.id, kind, trigger, status: run.status, ...countsOf(run) }, 'job run finished');
+    return run;
+  }
+
+  return {
+    run(kind, trigger) {
+      const current = inFlight.get(kind);
+      if (current) return current;
+      const promise = execute(kind, trigger).finally(() => inFlight.delete(kind));
+      inFlight.set(kind, promise);
+      return promise;
+    },
+
+    async listRuns(em, pageReq) {
+      const page = readPage(pageReq, {});
+      const rows = await em.find(JobRun, { id: { $gt: page.afterId } }, { orderBy: { id: 'asc' }, limit: page.limit });
+      return pageOf(rows, page);
+    },
+  };
+}
+
+function countsOf(run: JobRun): JobCounts {
+  const { entriesRead, entriesAccepted, entriesDuplicate, entriesRejected, entriesPending } = run;
+  const { billingRecordsCreated, chargesSucceeded, retriesScheduled, recordsFailed, usersSuspended } = run;
+  return {
+    entriesRead,
+    entriesAccepted,
+    entriesDuplicate,
+    entriesRejected,
+    entriesPending,
+    billingRecordsCreated,
+    chargesSucceeded,
+    retriesScheduled,
+    recordsFailed,
+    usersSuspended,
+  };
+}

@@ -1,0 +1,15 @@
+import type { EntityManager } from '@mikro-orm/knex';
+import type { PageRequest } from '../shared/paging';
+import type { JobKind, JobRun } from './job-run.entity';
+
+export type JobTrigger = 'rpc' | 'cron' | 'scheduler';
+
+export interface JobsService {
+  /**
+   * Runs a job and records the run. A call while a run of the same kind is in
+   * progress in this process does not start a second one: it waits for that
+   * run and returns it.
+   */
+  run(kind: JobKind, trigger: JobTrigger): Promise<JobRun>;
+  listRuns(em: EntityManager, page: PageRequest): Promise<{ items: JobRun[]; nextPageToken: string }>;
+}

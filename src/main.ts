@@ -1,0 +1,47 @@
+/**
+ * Process entry point: config -> app -> signals. SIGTERM/SIGINT: health goes
+ * NOT_SERVING, new calls are refused, in-flight calls finish (bounded by
+ * SHUTDOWN_GRACE_MS, then forced), jobs stop, the database closes, exit 0.
+ */
+import { startApp } from './app';
+import { ConfigError, loadConfig } from './config';
+import { createLogger } from './shared/logger';
+
+async function main(): Promise<void> {
+  let config;
+  try {
+    config = loadConfig();
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`billing-service: invalid configuration: ${err.message}\n`);
+      process.exit(2);
+    }
+    throw err;
+  }
+  const log = createLogger(config.logLevel);
+  process.on('unhandledRejection', (err) => log.error({ err }, 'unhandled promise rejection'));
+  const app = await startApp(config, { log });
+  let signals = 0;
+  const onSignal = (signal: NodeJS.Signals) => {
+    signals++;
+    if (signals > 1) {
+      log.warn({ signal }, 'second signal: exiting now');
+      process.exit(1);
+    }
+    log.info({ signal }, 'shutting down');
+    app.stop().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        log.error({ err }, 'shutdown failed');
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`billing-service: failed to start: ${(err as Error)?.stack ?? String(err)}\n`);
+  process.exit(1);
+});
