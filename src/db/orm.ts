@@ -2,6 +2,7 @@
 import { MikroORM as SqliteORM, defineConfig as defineSqlite } from '@mikro-orm/sqlite';
 import type { EntityManager } from '@mikro-orm/knex';
 import { Migrator } from '@mikro-orm/migrations';
+import { types as pgTypes } from 'pg';
 import type { Logger } from 'pino';
 import type { DatabaseConfig } from '../config';
 import { entities } from './entities';
@@ -19,6 +20,19 @@ const SQLITE_PRAGMAS = [
   'pragma foreign_keys = on',
   'pragma synchronous = full',
 ].join('; ');
+
+const PG_INT8_OID = 20;
+
+function pgTypeParser(oid: number, format?: string): (value: string) => unknown {
+  if (oid === PG_INT8_OID) {
+    return (value: string) => {
+      const n = Number(value);
+      if (!Number.isSafeInteger(n)) throw new Error(`int8 ${value} read without a cast to text`);
+      return n;
+    };
+  }
+  return pgTypes.getTypeParser(oid, format as 'text');
+}
 
 export async function openOrm(db: DatabaseConfig, log: Logger): Promise<Orm> {
   const common = {
@@ -47,7 +61,15 @@ export async function openOrm(db: DatabaseConfig, log: Logger): Promise<Orm> {
     );
   } else {
     const pg = await import('@mikro-orm/postgresql');
-    orm = await pg.MikroORM.init(pg.defineConfig({ ...common, clientUrl: db.url }));
+    orm = await pg.MikroORM.init(
+      pg.defineConfig({
+        ...common,
+        clientUrl: db.url,
+        pool: { min: 1, max: 10 },
+        // int8 ids and counts as JS numbers (they stay far below 2^53); money is always read as text.
+        driverOptions: { connection: { types: { getTypeParser: pgTypeParser } } },
+      }),
+    );
   }
   const migrator = orm.getMigrator();
   const pending = await migrator.getPendingMigrations();

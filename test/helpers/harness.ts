@@ -8,6 +8,7 @@ import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { startApp, type App, type AppOptions } from '../../src/app';
 import { loadConfig } from '../../src/config';
+import { createTestDatabase } from './database';
 import { microsToMoney, parseMoney } from '../../src/shared/money';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
@@ -31,11 +32,13 @@ export interface TestApp {
 export async function startTestApp(env: Record<string, string> = {}, opts: AppOptions = {}): Promise<TestApp> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-test-'));
   let app: App;
+  // An explicit DB_PATH or DATABASE_URL (a test reusing a database across restarts) wins.
+  const db = env.DB_PATH || env.DATABASE_URL ? null : await createTestDatabase(dir);
   try {
     const config = loadConfig({
       GRPC_HOST: '127.0.0.1',
       GRPC_PORT: '0',
-      DB_PATH: path.join(dir, 'billing.db'),
+      ...db?.env,
       LOG_LEVEL: 'silent',
       INGEST_CRON: 'off',
       LOG_FILE_PATH: path.join(dir, 'usage-logs.json'),
@@ -43,6 +46,7 @@ export async function startTestApp(env: Record<string, string> = {}, opts: AppOp
     });
     app = await startApp(config, opts);
   } catch (err) {
+    await db?.drop();
     fs.rmSync(dir, { recursive: true, force: true });
     throw err;
   }
@@ -59,6 +63,7 @@ export async function startTestApp(env: Record<string, string> = {}, opts: AppOp
       try {
         await app.stop();
       } finally {
+        await db?.drop();
         fs.rmSync(dir, { recursive: true, force: true });
       }
     })());

@@ -9,6 +9,7 @@ import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
+import { createTestDatabase, type TestDatabase } from '../helpers/database';
 import { call, money } from '../helpers/harness';
 
 const MAIN = path.resolve(__dirname, '../../dist/src/main.js');
@@ -49,11 +50,18 @@ function startService(env: Record<string, string>): Promise<Started> {
 
 describe('the service process', () => {
   let dir: string;
-  beforeEach(() => (dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-proc-'))));
-  afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+  let db: TestDatabase;
+  beforeEach(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-proc-'));
+    db = await createTestDatabase(dir);
+  });
+  afterEach(async () => {
+    await db.drop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
 
   it('exits 0 on SIGTERM after letting in-flight calls finish', async () => {
-    const svc = await startService({ GRPC_PORT: '0', DB_PATH: path.join(dir, 'b.db'), INGEST_CRON: 'off' });
+    const svc = await startService({ GRPC_PORT: '0', ...db.env, INGEST_CRON: 'off' });
     const address = `127.0.0.1:${svc.port}`;
     const users = new userPb.UserServiceClient(address, grpc.credentials.createInsecure());
     const wallets = new walletPb.WalletServiceClient(address, grpc.credentials.createInsecure());
@@ -76,7 +84,7 @@ describe('the service process', () => {
     expect(svc.output()).toContain('billing-service stopped');
 
     // Whatever completed is in the ledger, exactly: restart and compare.
-    const again = await startService({ GRPC_PORT: '0', DB_PATH: path.join(dir, 'b.db'), INGEST_CRON: 'off' });
+    const again = await startService({ GRPC_PORT: '0', ...db.env, INGEST_CRON: 'off' });
     const w2 = new walletPb.WalletServiceClient(`127.0.0.1:${again.port}`, grpc.credentials.createInsecure());
     const { balance } = await call(w2, 'getBalance', { userId: user!.id });
     const { transactions } = await call(w2, 'listWalletTransactions', { userId: user!.id, pageSize: 500, pageToken: '' });

@@ -1,0 +1,2 @@
+// jest setup file of the "postgres" project: the integration suite runs on PostgreSQL.
+process.env.TEST_DATABASE = 'postgres';
