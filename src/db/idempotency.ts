@@ -27,18 +27,30 @@ export function requestHash(request: Record<string, string | number | bigint>): 
   return createHash('sha256').update(canonical).digest('base64url');
 }
 
-/** The id of the resource the key created, or null when the key is new. */
+/**
+ * Claims the key for this transaction, or returns the id of the resource the
+ * key already created. The claim is an insert-if-absent: a concurrent request
+ * with the same key (another replica, say) waits on the unique index until this
+ * transaction ends, then replays its result, or claims the key if it rolled
+ * back. Returns null when the key is now claimed (finish with saveIdempotent).
+ */
 export async function findIdempotent(
   em: EntityManager,
   scope: IdempotencyScope,
   requestId: string,
   hash: string,
 ): Promise<number | null> {
+  const claimed = await em.execute<{ affectedRows: number }>(
+    `insert into idempotency_keys (scope, request_id, request_hash, resource_id, created_at) values (?, ?, ?, 0, 0)
+     on conflict (scope, request_id) do nothing`,
+    [scope, requestId, hash],
+    'run',
+  );
+  if (claimed.affectedRows === 1) return null;
   const row = await em.execute<{ request_hash: string; resource_id: number | string }[]>(
     'select request_hash, resource_id from idempotency_keys where scope = ? and request_id = ?',
     [scope, requestId],
   );
-  if (row.length === 0) return null;
   if (row[0].request_hash !== hash) {
     throw new AppError(
       'ALREADY_EXISTS',
@@ -49,17 +61,18 @@ export async function findIdempotent(
   return Number(row[0].resource_id);
 }
 
+/** Records what the claimed key created, in the same transaction as the change. */
 export async function saveIdempotent(
   em: EntityManager,
   scope: IdempotencyScope,
   requestId: string,
-  hash: string,
+  _hash: string,
   resourceId: number,
   now: Date,
 ): Promise<void> {
   await em.execute(
-    'insert into idempotency_keys (scope, request_id, request_hash, resource_id, created_at) values (?, ?, ?, ?, ?)',
-    [scope, requestId, hash, resourceId, now.getTime()],
+    'update idempotency_keys set resource_id = ?, created_at = ? where scope = ? and request_id = ?',
+    [resourceId, now.getTime(), scope, requestId],
     'run',
   );
 }
