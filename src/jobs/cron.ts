@@ -9,7 +9,17 @@ export interface Cron {
   idle(): Promise<void>;
 }
 
-/** ProcessAll on a cron expression (UTC). Overlapping ticks are skipped; the body is the job service's. */
+/**
+ * The tick a cron firing belongs to: its nominal time, to the second (cron
+ * ticks are whole seconds and fire a few ms after them). Every replica's cron
+ * computes the same key for the same tick, whatever its small clock skew.
+ */
+export const tickKey = (firedAt: Date): string => `PROCESS_ALL@${new Date(Math.floor(firedAt.getTime() / 1000) * 1000).toISOString()}`;
+
+/**
+ * ProcessAll on a cron expression (UTC). Overlapping ticks are skipped, and a
+ * tick is claimed in the database, so with several replicas it runs once.
+ */
 export function createCron(deps: { expression: string; jobs: JobsService; log: Logger }): Cron {
   let running: Promise<unknown> = Promise.resolve();
   const job = CronJob.from({
@@ -18,7 +28,7 @@ export function createCron(deps: { expression: string; jobs: JobsService; log: L
     start: false,
     waitForCompletion: true,
     onTick: async () => {
-      running = deps.jobs.run('PROCESS_ALL', 'cron');
+      running = deps.jobs.runForPeriod('PROCESS_ALL', tickKey(new Date()));
       await running;
     },
     errorHandler: (err) => deps.log.error({ err }, 'cron tick failed'),

@@ -49,6 +49,8 @@ export class JobRun implements JobCounts {
   recordsFailed = 0;
   usersSuspended = 0;
   errorMessage = '';
+  /** For scheduled runs: the job and cron tick this run claimed (unique across replicas). */
+  periodKey: string | null = null;
 
   constructor(kind: JobKind, trigger: string, now: Date) {
     this.kind = kind;
@@ -80,5 +82,6 @@ export const JobRunSchema = new EntitySchema<JobRun>({
     recordsFailed: count,
     usersSuspended: count,
     errorMessage: { type: 'text' },
+    periodKey: { type: 'string', nullable: true },
   },
 });

@@ -5,7 +5,7 @@
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Logger } from 'pino';
 import type { BillingService } from '../billing/billing.types';
-import { isTransientDbError } from '../db/errors';
+import { isTransientDbError, isUniqueViolation } from '../db/errors';
 import type { Clock } from '../shared/clock';
 import { pageOf, readPage } from '../shared/paging';
 import { UsageFileUnusable, type IngestService } from '../usage/ingest.service';
@@ -40,7 +40,7 @@ function describe(err: unknown): string {
 
 export function createJobsService(deps: JobsDeps): JobsService {
   const { clock, log } = deps;
-  const inFlight = new Map<JobKind, Promise<JobRun>>();
+  const inFlight = new Map<JobKind, Promise<JobRun | null>>();
 
   async function processLogs(em: EntityManager, run: JobRun): Promise<void> {
     add(run, await deps.ingest.ingest(em, run.id));
@@ -50,10 +50,19 @@ export function createJobsService(deps: JobsDeps): JobsService {
     add(run, await deps.billing.processDueRetries(em));
   }
 
-  async function execute(kind: JobKind, trigger: JobTrigger): Promise<JobRun> {
+  async function execute(kind: JobKind, trigger: JobTrigger, periodKey: string | null = null): Promise<JobRun | null> {
     const em = deps.em.fork();
     const run = new JobRun(kind, trigger, clock.now());
-    await em.persistAndFlush(run);
+    run.periodKey = periodKey;
+    try {
+      await em.persistAndFlush(run);
+    } catch (err) {
+      if (periodKey !== null && isUniqueViolation(err)) {
+        log.info({ kind, periodKey }, 'period already claimed by another run; skipping');
+        return null;
+      }
+      throw err;
+    }
     try {
       if (kind === 'PROCESS_LOGS' || kind === 'PROCESS_ALL') await processLogs(em, run);
       if (kind === 'PROCESS_RETRIES' || kind === 'PROCESS_ALL') await processRetries(em, run);
@@ -71,13 +80,31 @@ export function createJobsService(deps: JobsDeps): JobsService {
     return run;
   }
 
-  return {
+  /** Starts a run and makes it the one of its kind in progress here until it settles. */
+  function start(kind: JobKind, body: () => Promise<JobRun | null>): Promise<JobRun | null> {
+    const promise = body().finally(() => {
+      if (inFlight.get(kind) === promise) inFlight.delete(kind);
+    });
+    inFlight.set(kind, promise);
+    return promise;
+  }
+
+  const service: JobsService = {
     run(kind, trigger) {
+      // Join a run of the same kind in progress here (registration is synchronous, so simultaneous triggers share
+      // one run); if that was a scheduled tick another replica had already claimed, run now instead.
       const current = inFlight.get(kind);
-      if (current) return current;
-      const promise = execute(kind, trigger).finally(() => inFlight.delete(kind));
-      inFlight.set(kind, promise);
-      return promise;
+      if (!current) return start(kind, () => execute(kind, trigger)) as Promise<JobRun>;
+      return current.then((run) => run ?? service.run(kind, trigger));
+    },
+
+    runForPeriod(kind, periodKey) {
+      // A run of this kind in progress here does the same work: let it finish, then claim the tick.
+      const before = inFlight.get(kind)?.catch(() => null);
+      return start(kind, async () => {
+        await before;
+        return execute(kind, 'cron', periodKey);
+      });
     },
 
     async listRuns(em, pageReq) {
@@ -86,6 +113,7 @@ export function createJobsService(deps: JobsDeps): JobsService {
       return pageOf(rows, page);
     },
   };
+  return service;
 }
 
 function countsOf(run: JobRun): JobCounts {

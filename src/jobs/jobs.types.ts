@@ -11,5 +11,11 @@ export interface JobsService {
    * run and returns it.
    */
   run(kind: JobKind, trigger: JobTrigger): Promise<JobRun>;
+  /**
+   * Runs a scheduled job for one period (e.g. one cron tick) unless any
+   * replica sharing the database already claimed that period; then it
+   * returns null and does nothing.
+   */
+  runForPeriod(kind: JobKind, periodKey: string): Promise<JobRun | null>;
   listRuns(em: EntityManager, page: PageRequest): Promise<{ items: JobRun[]; nextPageToken: string }>;
 }

@@ -1,4 +1,8 @@
 import { Migration20261124000000Initial } from './Migration20261124000000_initial';
+import { Migration20261124010000JobPeriod } from './Migration20261124010000_job_period';
 
 /** Every migration, in order. Listed here so that compiled code and ts-jest find them alike. */
-export const migrationsList = [{ name: 'Migration20261124000000_initial', class: Migration20261124000000Initial }];
+export const migrationsList = [
+  { name: 'Migration20261124000000_initial', class: Migration20261124000000Initial },
+  { name: 'Migration20261124010000_job_period', class: Migration20261124010000JobPeriod },
+];
