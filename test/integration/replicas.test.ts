@@ -3,18 +3,14 @@
  * manual triggers, charges and top-ups from every replica at once, with
  * retries running, and money still exact afterwards.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import * as billingPb from '../../generated/billing/v1/billing_service';
-import * as jobPb from '../../generated/billing/v1/job_service';
-import * as userPb from '../../generated/billing/v1/user_service';
-import * as walletPb from '../../generated/billing/v1/wallet_service';
 import { tickKey } from '../../src/jobs/cron';
 import { createTestDatabase, onPostgres, type TestDatabase } from '../helpers/database';
 import { call, money, startTestApp, type TestApp } from '../helpers/harness';
+import { killServiceProcesses, startServiceProcess, type ServiceProcess } from '../helpers/service-process';
 import { entry, writeNdjson } from '../helpers/usage';
 
 // Replicas are a PostgreSQL deployment: SQLite is the embedded default for one process (README, Deployment).
@@ -80,51 +76,14 @@ import { entry, writeNdjson } from '../helpers/usage';
   });
 });
 
-const MAIN = path.resolve(__dirname, '../../dist/src/main.js');
-
-interface Replica {
-  child: ChildProcess;
-  port: number;
-  exit: Promise<number | null>;
-  /** The replica's log lines at level error or worse, so a failure shows its cause. */
-  errors: () => string[];
-}
-
-/** Every replica process spawned, so a failed start-up still kills them all. */
-const spawned: ChildProcess[] = [];
-
-function startReplica(env: Record<string, string>): Promise<Replica> {
-  const child = spawn(process.execPath, [MAIN], { env: { PATH: process.env.PATH, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-  spawned.push(child);
-  let out = '';
-  const exit = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`replica did not start:\n${out}`)), 30_000);
-    const onData = (d: Buffer) => {
-      out += d;
-      const ready = out.split('\n').find((l) => l.includes('billing-service ready'));
-      if (ready) {
-        clearTimeout(timer);
-        resolve({ child, port: JSON.parse(ready).port, exit, errors: () => out.split('\n').filter((l) => /"level":(50|60)/.test(l)) });
-      }
-    };
-    child.stdout!.on('data', onData);
-    child.stderr!.on('data', (d) => (out += d));
-    void exit.then((code) => {
-      clearTimeout(timer);
-      reject(new Error(`replica exited with ${code}:\n${out}`));
-    });
-  });
-}
-
 // Several processes on one database is what PostgreSQL is for; SQLite is one process by design.
 (onPostgres ? describe : describe.skip)('3 replica processes on one PostgreSQL database', () => {
   let dir: string;
   let db: TestDatabase;
-  let replicas: Replica[] = [];
+  let replicas: ServiceProcess[] = [];
   afterEach(async () => {
-    const alive = spawned.splice(0).filter((c) => c.exitCode === null && c.signalCode === null);
-    await Promise.all(alive.map((c) => new Promise((resolve) => (c.once('exit', resolve), c.kill('SIGKILL')))));
+    for (const r of replicas) r.close();
+    await killServiceProcesses();
     replicas = [];
     await db?.drop();
     fs.rmSync(dir, { recursive: true, force: true });
@@ -144,17 +103,8 @@ function startReplica(env: Record<string, string>): Promise<Replica> {
       MAX_RETRIES: '4',
       INGEST_CRON: '* * * * * *', // every second, on every replica
     };
-    replicas = await Promise.all([startReplica(env), startReplica(env), startReplica(env)]);
-    const clients = replicas.map((r) => {
-      const address = `127.0.0.1:${r.port}`;
-      const creds = grpc.credentials.createInsecure();
-      return {
-        users: new userPb.UserServiceClient(address, creds),
-        wallets: new walletPb.WalletServiceClient(address, creds),
-        billing: new billingPb.BillingServiceClient(address, creds),
-        jobs: new jobPb.JobServiceClient(address, creds),
-      };
-    });
+    replicas = await Promise.all([startServiceProcess(env), startServiceProcess(env), startServiceProcess(env)]);
+    const clients = replicas;
     const pick = (i: number) => clients[i % clients.length];
 
     const userIds: bigint[] = [];
@@ -225,7 +175,6 @@ function startReplica(env: Record<string, string>): Promise<Replica> {
       expect(await q(`select period_key from job_runs where period_key is not null group by period_key having count(*) > 1`)).toEqual([]);
     } finally {
       await em.stop();
-      for (const c of clients) for (const client of Object.values(c)) client.close();
     }
   });
 });
