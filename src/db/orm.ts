@@ -2,7 +2,7 @@
 import { MikroORM as SqliteORM, defineConfig as defineSqlite } from '@mikro-orm/sqlite';
 import type { EntityManager } from '@mikro-orm/knex';
 import { Migrator } from '@mikro-orm/migrations';
-import { types as pgTypes } from 'pg';
+import { Client as PgClient, types as pgTypes } from 'pg';
 import type { Logger } from 'pino';
 import type { DatabaseConfig } from '../config';
 import { entities } from './entities';
@@ -14,7 +14,8 @@ interface SqliteRawConnection {
   exec(sql: string, cb: (err: Error | null) => void): void;
 }
 
-const SQLITE_PRAGMAS = [
+/** Applied to every SQLite connection (exported so the benchmark's raw-driver floor uses the same settings). */
+export const SQLITE_PRAGMAS = [
   'pragma journal_mode = wal',
   'pragma busy_timeout = 5000',
   'pragma foreign_keys = on',
@@ -22,6 +23,24 @@ const SQLITE_PRAGMAS = [
 ].join('; ');
 
 const PG_INT8_OID = 20;
+/** pg_advisory_lock key that serializes migrations across replicas. */
+const MIGRATION_LOCK_KEY = 72010002;
+
+/** Runs `fn` while holding a PostgreSQL session-level advisory lock on a connection of its own. */
+async function withPgSessionLock<T>(url: string, key: number, fn: () => Promise<T>): Promise<T> {
+  const client = new PgClient({ connectionString: url });
+  await client.connect();
+  try {
+    await client.query('select pg_advisory_lock($1)', [key]);
+    try {
+      return await fn();
+    } finally {
+      await client.query('select pg_advisory_unlock($1)', [key]);
+    }
+  } finally {
+    await client.end();
+  }
+}
 
 function pgTypeParser(oid: number, format?: string): (value: string) => unknown {
   if (oid === PG_INT8_OID) {
@@ -34,8 +53,19 @@ function pgTypeParser(oid: number, format?: string): (value: string) => unknown 
   return pgTypes.getTypeParser(oid, format as 'text');
 }
 
-export async function openOrm(db: DatabaseConfig, log: Logger): Promise<Orm> {
+export interface OpenOrmOptions {
+  /**
+   * Apply pending migrations (default true). Tools that inspect a database
+   * they do not own (the invariant checker) pass false and check the schema;
+   * then a missing PostgreSQL database is not created either.
+   */
+  migrate?: boolean;
+}
+
+export async function openOrm(db: DatabaseConfig, log: Logger, opts: OpenOrmOptions = {}): Promise<Orm> {
   const common = {
+    // MikroORM creates a missing database on init unless told not to.
+    ensureDatabase: opts.migrate !== false,
     entities,
     extensions: [Migrator],
     discovery: { warnWhenNoEntities: true },
@@ -71,11 +101,25 @@ export async function openOrm(db: DatabaseConfig, log: Logger): Promise<Orm> {
       }),
     );
   }
-  const migrator = orm.getMigrator();
-  const pending = await migrator.getPendingMigrations();
-  if (pending.length > 0) {
-    log.info({ migrations: pending.map((m) => m.name) }, 'applying migrations');
-    await migrator.up();
+  const migrate = async () => {
+    const migrator = orm.getMigrator();
+    const pending = await migrator.getPendingMigrations();
+    if (pending.length > 0) {
+      log.info({ migrations: pending.map((m) => m.name) }, 'applying migrations');
+      await migrator.up();
+    }
+  };
+  try {
+    // Several replicas may start at once: on PostgreSQL one migrates while the others wait on a session lock,
+    // then find nothing pending. (SQLite has one writer and one process.)
+    // migrate: false leaves the schema as it is; the caller checks it.
+    if (opts.migrate !== false) {
+      if (db.kind === 'postgresql') await withPgSessionLock(db.url, MIGRATION_LOCK_KEY, migrate);
+      else await migrate();
+    }
+  } catch (err) {
+    await orm.close(true).catch(() => undefined);
+    throw err;
   }
   return {
     em: orm.em as unknown as EntityManager,
