@@ -17,6 +17,12 @@ export function isTransientDbError(err: unknown): boolean {
     return true;
   }
   const code = (err as { code?: unknown })?.code;
+  // A connection that died inside a transaction: knex refuses the transaction's next query.
+  if (/Transaction query already complete|Connection terminated|connection is closed|Client has encountered a connection error/i.test(String((err as Error)?.message))) {
+    return true;
+  }
+  // PostgreSQL classes 08 (connection exception) and 57P (operator intervention: shutdown, terminated backend).
+  if (typeof code === 'string' && /^(08|57P)/.test(code)) return true;
   return (
     code === 'SQLITE_BUSY' ||
     code === 'SQLITE_LOCKED' ||

@@ -1,0 +1,345 @@
+/**
+ * The money invariants, checked against the database itself. Every rule is a
+ * query that returns the rows breaking it, in SQL that SQLite and PostgreSQL
+ * both run; 64-bit values are read through `cast(x as text)`. The checker only
+ * reads: on PostgreSQL it runs in one read-only REPEATABLE READ transaction, on
+ * SQLite in one read transaction (a WAL snapshot), so a live service may keep
+ * writing while it runs.
+ *
+ * Used by `npm run check-invariants` (src/ops/check-invariants.ts), the test
+ * suite and the soak run.
+ */
+import { IsolationLevel, TableNotFoundException } from '@mikro-orm/core';
+import type { EntityManager } from '@mikro-orm/knex';
+import { isPostgres } from '../db/platform';
+import { migrationsList } from '../db/migrations';
+import { formatMoney } from '../shared/money';
+
+export type InvariantRule =
+  | 'balance_matches_ledger'
+  | 'no_negative_balance'
+  | 'ledger_chain'
+  | 'one_debit_per_record'
+  | 'paid_record_debited_once'
+  | 'debit_for_paid_record'
+  | 'usage_linked_to_record'
+  | 'usage_record_total'
+  | 'usage_matches_line_items';
+
+/** Every rule with what it guarantees, in the order they are checked. */
+export const INVARIANT_RULES: Readonly<Record<InvariantRule, string>> = Object.freeze({
+  balance_matches_ledger: "every wallet's balance equals its ledger (credits - debits); no ledger row without a wallet",
+  no_negative_balance: 'no wallet balance and no ledger balance_after is below zero',
+  ledger_chain: "in each wallet's ledger, in id order, balance_after = previous balance_after +/- amount (from 0)",
+  one_debit_per_record: 'no billing record is debited more than once',
+  paid_record_debited_once: 'every PAID record with amount > 0 has exactly one DEBIT, of the same amount and user',
+  debit_for_paid_record: 'every DEBIT belongs to an existing PAID record of the same user and amount',
+  usage_linked_to_record:
+    'a usage entry has a billing record iff it is BILLED, and a BILLED entry points at a USAGE record of its own user',
+  usage_record_total: "every USAGE record has line items and its amount equals their sum",
+  usage_matches_line_items: "each USAGE record's line items are exactly the quantities of the BILLED entries it links, per service",
+});
+
+export interface InvariantViolation {
+  rule: InvariantRule;
+  detail: string;
+}
+
+export interface InvariantCounts {
+  users: number;
+  deletedUsers: number;
+  wallets: number;
+  /** Sum of all wallet balances, in micros. */
+  totalBalance: bigint;
+  credits: number;
+  debits: number;
+  /** Sums of the CREDIT and DEBIT ledger rows, in micros. */
+  creditTotal: bigint;
+  debitTotal: bigint;
+  billingRecords: Record<'PENDING' | 'PAID' | 'FAILED', number>;
+  lineItems: number;
+  usageLogs: Record<'PENDING' | 'BILLED' | 'REJECTED', number>;
+}
+
+export interface InvariantReport {
+  ok: boolean;
+  violations: InvariantViolation[];
+  counts: InvariantCounts;
+}
+
+export interface CheckOptions {
+  /** Most offending rows reported per query (default 50); a rule with more says so. */
+  maxPerRule?: number;
+}
+
+type Row = Record<string, unknown>;
+
+const str = (v: unknown): string => (v === null || v === undefined ? 'null' : String(v));
+/** A micros value read as text, shown as money with its micros: "12.50 (12500000)". */
+const m = (v: unknown): string => (v === null || v === undefined ? 'null' : `${formatMoney(BigInt(v as string))} (${v} micros)`);
+
+interface Query {
+  rule: InvariantRule;
+  /** Must end with `limit ?`; the limit is bound last. */
+  sql: string;
+  params?: unknown[];
+  describe(row: Row): string;
+}
+
+const SIGNED_AMOUNT = `case when t.type = 'CREDIT' then t.amount else -t.amount end`;
+
+const QUERIES: readonly Query[] = [
+  {
+    rule: 'balance_matches_ledger',
+    sql: `select w.user_id, cast(w.balance as text) as balance, cast(coalesce(l.net, 0) as text) as ledger
+          from wallets w
+          left join (select t.user_id, sum(${SIGNED_AMOUNT}) as net from wallet_transactions t group by t.user_id) l
+            on l.user_id = w.user_id
+          where w.balance <> coalesce(l.net, 0)
+          order by w.user_id limit ?`,
+    describe: (r) => `wallet of user ${str(r.user_id)}: balance ${m(r.balance)}, but its ledger sums to ${m(r.ledger)}`,
+  },
+  {
+    rule: 'balance_matches_ledger',
+    sql: `select t.user_id, count(*) as n, cast(sum(${SIGNED_AMOUNT}) as text) as net
+          from wallet_transactions t
+          where not exists (select 1 from wallets w where w.user_id = t.user_id)
+          group by t.user_id order by t.user_id limit ?`,
+    describe: (r) => `user ${str(r.user_id)} has ${str(r.n)} ledger rows (net ${m(r.net)}) but no wallet`,
+  },
+  {
+    rule: 'no_negative_balance',
+    sql: `select w.user_id, cast(w.balance as text) as balance from wallets w where w.balance < 0 order by w.user_id limit ?`,
+    describe: (r) => `wallet of user ${str(r.user_id)} has a negative balance ${m(r.balance)}`,
+  },
+  {
+    rule: 'no_negative_balance',
+    sql: `select t.id, t.user_id, cast(t.balance_after as text) as balance_after
+          from wallet_transactions t where t.balance_after < 0 order by t.id limit ?`,
+    describe: (r) => `ledger row ${str(r.id)} of user ${str(r.user_id)} leaves a negative balance ${m(r.balance_after)}`,
+  },
+  {
+    rule: 'ledger_chain',
+    sql: `select x.id, x.user_id, x.type, cast(x.amount as text) as amount, cast(x.balance_after as text) as balance_after,
+                 cast(x.prev as text) as prev
+          from (select t.id, t.user_id, t.type, t.amount, t.balance_after,
+                       coalesce(lag(t.balance_after) over (partition by t.user_id order by t.id), 0) as prev
+                from wallet_transactions t) x
+          where x.balance_after <> x.prev + case when x.type = 'CREDIT' then x.amount else -x.amount end
+          order by x.user_id, x.id limit ?`,
+    describe: (r) =>
+      `ledger row ${str(r.id)} of user ${str(r.user_id)}: ${str(r.type)} of ${m(r.amount)} after a balance of ${m(r.prev)} ` +
+      `says balance_after ${m(r.balance_after)}`,
+  },
+  {
+    rule: 'one_debit_per_record',
+    sql: `select t.billing_record_id, count(*) as n, cast(sum(t.amount) as text) as total
+          from wallet_transactions t where t.type = 'DEBIT'
+          group by t.billing_record_id having count(*) > 1
+          order by t.billing_record_id limit ?`,
+    describe: (r) => `billing record ${str(r.billing_record_id)} was debited ${str(r.n)} times (together ${m(r.total)})`,
+  },
+  {
+    rule: 'paid_record_debited_once',
+    sql: `select r.id, r.user_id, cast(r.amount as text) as amount, count(t.id) as debits,
+                 sum(case when t.amount = r.amount and t.user_id = r.user_id then 1 else 0 end) as matching
+          from billing_records r
+          left join wallet_transactions t on t.billing_record_id = r.id and t.type = 'DEBIT'
+          where r.status = 'PAID' and r.amount > 0
+          group by r.id, r.user_id, r.amount
+          having count(t.id) <> 1 or sum(case when t.amount = r.amount and t.user_id = r.user_id then 1 else 0 end) <> 1
+          order by r.id limit ?`,
+    describe: (r) =>
+      `PAID billing record ${str(r.id)} of user ${str(r.user_id)} for ${m(r.amount)} has ${str(r.debits)} DEBIT rows, ` +
+      `${str(r.matching ?? 0)} of them for that amount and user (expected exactly 1)`,
+  },
+  {
+    rule: 'debit_for_paid_record',
+    sql: `select t.id, t.user_id, t.billing_record_id, cast(t.amount as text) as amount,
+                 r.id as record_id, r.status, r.user_id as record_user_id, cast(r.amount as text) as record_amount
+          from wallet_transactions t
+          left join billing_records r on r.id = t.billing_record_id
+          where t.type = 'DEBIT'
+            and (r.id is null or r.status <> 'PAID' or r.user_id <> t.user_id or r.amount <> t.amount)
+          order by t.id limit ?`,
+    describe: (r) =>
+      r.record_id === null || r.record_id === undefined
+        ? `DEBIT ${str(r.id)} of user ${str(r.user_id)} for ${m(r.amount)} names billing record ${str(r.billing_record_id)}, which does not exist`
+        : `DEBIT ${str(r.id)} of user ${str(r.user_id)} for ${m(r.amount)} belongs to billing record ${str(r.billing_record_id)}, ` +
+          `which is ${str(r.status)}, of user ${str(r.record_user_id)}, for ${m(r.record_amount)}`,
+  },
+  {
+    rule: 'usage_linked_to_record',
+    sql: `select l.id, l.status, l.user_id, l.billing_record_id, r.id as record_id, r.user_id as record_user_id, r.kind
+          from usage_logs l
+          left join billing_records r on r.id = l.billing_record_id
+          where (l.status = 'BILLED'
+                 and (l.billing_record_id is null or r.id is null or l.user_id is null
+                      or r.user_id <> l.user_id or r.kind <> 'USAGE'))
+             or (l.status <> 'BILLED' and l.billing_record_id is not null)
+          order by l.id limit ?`,
+    describe: (r) => {
+      const entry = `usage entry ${str(r.id)} (${str(r.status)}, user ${str(r.user_id)})`;
+      if (r.status !== 'BILLED') return `${entry} is not BILLED but points at billing record ${str(r.billing_record_id)}`;
+      if (r.billing_record_id === null || r.billing_record_id === undefined) return `${entry} is BILLED without a billing record`;
+      if (r.record_id === null || r.record_id === undefined) {
+        return `${entry} points at billing record ${str(r.billing_record_id)}, which does not exist`;
+      }
+      return `${entry} points at billing record ${str(r.billing_record_id)}, a ${str(r.kind)} record of user ${str(r.record_user_id)}`;
+    },
+  },
+  {
+    rule: 'usage_record_total',
+    sql: `select r.id, r.user_id, cast(r.amount as text) as amount, count(li.id) as lines,
+                 cast(coalesce(sum(li.amount), 0) as text) as line_total
+          from billing_records r
+          left join line_items li on li.billing_record_id = r.id
+          where r.kind = 'USAGE'
+          group by r.id, r.user_id, r.amount
+          having count(li.id) = 0 or r.amount <> coalesce(sum(li.amount), 0)
+          order by r.id limit ?`,
+    describe: (r) =>
+      Number(r.lines) === 0
+        ? `USAGE billing record ${str(r.id)} of user ${str(r.user_id)} for ${m(r.amount)} has no line items`
+        : `USAGE billing record ${str(r.id)} of user ${str(r.user_id)}: amount ${m(r.amount)}, but its ${str(r.lines)} line items sum to ${m(r.line_total)}`,
+  },
+  {
+    rule: 'usage_matches_line_items',
+    sql: `select li.billing_record_id, li.service, cast(li.quantity as text) as quantity, cast(coalesce(u.q, 0) as text) as billed
+          from line_items li
+          join billing_records r on r.id = li.billing_record_id and r.kind = 'USAGE'
+          left join (select l.billing_record_id, l.service, sum(l.quantity) as q
+                     from usage_logs l where l.status = 'BILLED' group by l.billing_record_id, l.service) u
+            on u.billing_record_id = li.billing_record_id and u.service = li.service
+          where li.quantity <> coalesce(u.q, 0)
+          order by li.billing_record_id, li.service limit ?`,
+    describe: (r) =>
+      `billing record ${str(r.billing_record_id)}: the ${JSON.stringify(r.service)} line item bills a quantity of ` +
+      `${str(r.quantity)} (x10^-6), but the BILLED entries it links add up to ${str(r.billed)}`,
+  },
+  {
+    rule: 'usage_matches_line_items',
+    sql: `select l.billing_record_id, l.service, count(*) as n, cast(sum(l.quantity) as text) as quantity
+          from usage_logs l
+          where l.status = 'BILLED' and l.billing_record_id is not null
+            and not exists (select 1 from line_items li where li.billing_record_id = l.billing_record_id and li.service = l.service)
+          group by l.billing_record_id, l.service
+          order by l.billing_record_id, l.service limit ?`,
+    describe: (r) =>
+      `billing record ${str(r.billing_record_id)} links ${str(r.n)} BILLED ${JSON.stringify(r.service)} entries ` +
+      `(quantity ${str(r.quantity)} x10^-6) but has no line item for that service`,
+  },
+];
+
+async function runQueries(em: EntityManager, maxPerRule: number): Promise<InvariantViolation[]> {
+  const violations: InvariantViolation[] = [];
+  for (const q of QUERIES) {
+    const rows = await em.execute<Row[]>(q.sql, [...(q.params ?? []), maxPerRule + 1]);
+    for (const row of rows.slice(0, maxPerRule)) violations.push({ rule: q.rule, detail: q.describe(row) });
+    if (rows.length > maxPerRule) {
+      violations.push({ rule: q.rule, detail: `... more rows break this rule (only the first ${maxPerRule} are listed)` });
+    }
+  }
+  return violations;
+}
+
+async function readCounts(em: EntityManager): Promise<InvariantCounts> {
+  const one = async (sql: string): Promise<Row> => (await em.execute<Row[]>(sql))[0];
+  const byStatus = async <S extends string>(table: string, statuses: readonly S[]): Promise<Record<S, number>> => {
+    const rows = await em.execute<{ status: string; n: unknown }[]>(`select status, count(*) as n from ${table} group by status`);
+    const out = Object.fromEntries(statuses.map((s) => [s, 0])) as Record<S, number>;
+    for (const r of rows) out[r.status as S] = Number(r.n);
+    return out;
+  };
+  const users = await one(
+    `select count(*) as n, sum(case when deleted_at is null then 0 else 1 end) as deleted from users`,
+  );
+  const wallets = await one(`select count(*) as n, cast(coalesce(sum(balance), 0) as text) as total from wallets`);
+  const ledger = await one(
+    `select sum(case when type = 'CREDIT' then 1 else 0 end) as credits, sum(case when type = 'DEBIT' then 1 else 0 end) as debits,
+            cast(coalesce(sum(case when type = 'CREDIT' then amount else 0 end), 0) as text) as credit_total,
+            cast(coalesce(sum(case when type = 'DEBIT' then amount else 0 end), 0) as text) as debit_total
+     from wallet_transactions`,
+  );
+  const lines = await one(`select count(*) as n from line_items`);
+  return {
+    users: Number(users.n),
+    deletedUsers: Number(users.deleted ?? 0),
+    wallets: Number(wallets.n),
+    totalBalance: BigInt(wallets.total as string),
+    credits: Number(ledger.credits ?? 0),
+    debits: Number(ledger.debits ?? 0),
+    creditTotal: BigInt(ledger.credit_total as string),
+    debitTotal: BigInt(ledger.debit_total as string),
+    billingRecords: await byStatus('billing_records', ['PENDING', 'PAID', 'FAILED'] as const),
+    lineItems: Number(lines.n),
+    usageLogs: await byStatus('usage_logs', ['PENDING', 'BILLED', 'REJECTED'] as const),
+  };
+}
+
+/**
+ * Checks every rule of INVARIANT_RULES and counts what the database holds.
+ * Inside a transaction the caller already has, the checker runs in it (and
+ * sees its uncommitted changes); otherwise it opens its own read snapshot.
+ */
+export async function checkInvariants(em: EntityManager, opts: CheckOptions = {}): Promise<InvariantReport> {
+  const maxPerRule = opts.maxPerRule ?? 50;
+  const work = async (tx: EntityManager): Promise<InvariantReport> => {
+    const violations = await runQueries(tx, maxPerRule);
+    const counts = await readCounts(tx);
+    return { ok: violations.length === 0, violations, counts };
+  };
+  if (em.isInTransaction()) return work(em);
+  const fork = em.fork();
+  if (isPostgres(fork)) {
+    return fork.transactional(work, { isolationLevel: IsolationLevel.REPEATABLE_READ, readOnly: true });
+  }
+  return fork.transactional(work);
+}
+
+/** The tables the checker reads. */
+const TABLES = ['users', 'wallets', 'wallet_transactions', 'billing_records', 'line_items', 'usage_logs'] as const;
+
+/** MikroORM's record of applied migrations. */
+const MIGRATIONS_TABLE = 'mikro_orm_migrations';
+
+/** The rows, or null when the table does not exist; any other failure (no connection, say) is thrown. */
+async function readIfTable(em: EntityManager, sql: string): Promise<Row[] | null> {
+  try {
+    return await em.execute<Row[]>(sql);
+  } catch (err) {
+    const missing =
+      err instanceof TableNotFoundException ||
+      (err as { code?: unknown })?.code === '42P01' ||
+      /no such table/.test(String((err as Error)?.message));
+    if (missing) return null;
+    throw err;
+  }
+}
+
+/**
+ * Says what is wrong with the schema for checking (null when nothing is):
+ * no billing schema at all, or migrations this build knows that were never
+ * applied. Throws when the database cannot be reached. Changes nothing; it
+ * never migrates.
+ */
+export async function describeSchemaProblem(em: EntityManager): Promise<string | null> {
+  const fork = em.fork();
+  await fork.execute('select 1 as x'); // can we reach it at all?
+  const applied = await readIfTable(fork, `select name from ${MIGRATIONS_TABLE}`);
+  const missingTables: string[] = [];
+  for (const table of TABLES) {
+    if ((await readIfTable(fork, `select 1 as x from ${table} where 1 = 0`)) === null) missingTables.push(table);
+  }
+  if (applied === null && missingTables.length === TABLES.length) {
+    return 'the billing schema is missing: this database has none of the service tables and no migrations table (is it the right database?)';
+  }
+  if (missingTables.length > 0) return `the billing schema is incomplete: missing tables ${missingTables.join(', ')}`;
+  if (applied === null) return `the billing schema has no ${MIGRATIONS_TABLE} table, so its version is unknown`;
+  const names = new Set(applied.map((r) => String(r.name).replace(/\.[jt]s$/, '')));
+  const pending = migrationsList.map((mig) => mig.name).filter((name) => !names.has(name));
+  if (pending.length > 0) {
+    return `the database schema is behind this build (not applied: ${pending.join(', ')}); start the service against it once to migrate`;
+  }
+  return null;
+}

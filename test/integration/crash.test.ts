@@ -1,0 +1,412 @@
+/**
+ * Crash recovery: the built service (dist/, built by `npm test`) is killed with
+ * SIGKILL at a seeded moment while it ingests a usage file, charges and
+ * retries, then restarted on the same database and driven to the end. Nothing
+ * may be lost or done twice: the invariant checker passes, every entry of the
+ * file is stored exactly once, and replayed request_ids never credit twice.
+ *
+ * Seeds: CRASH_SEEDS=1234,99 npx jest test/integration/crash.test.ts
+ * Every assertion carries the seed and the kill moment so a failure reproduces.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import pino from 'pino';
+import * as billingPb from '../../generated/billing/v1/billing_service';
+import * as jobPb from '../../generated/billing/v1/job_service';
+import * as userPb from '../../generated/billing/v1/user_service';
+import * as walletPb from '../../generated/billing/v1/wallet_service';
+import type { DatabaseConfig } from '../../src/config';
+import { openOrm } from '../../src/db/orm';
+import { checkInvariants } from '../../src/ops/invariants';
+import { createTestDatabase, type TestDatabase } from '../helpers/database';
+import { call, money } from '../helpers/harness';
+
+const MAIN = path.resolve(__dirname, '../../dist/src/main.js');
+const DEFAULT_SEEDS = [11, 23, 37, 41, 59, 73];
+const SEEDS = process.env.CRASH_SEEDS
+  ? process.env.CRASH_SEEDS.split(',').map((s) => Number(s.trim()))
+  : DEFAULT_SEEDS;
+
+/** mulberry32: a small deterministic PRNG, uniform in [0, 1). */
+function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let x = a;
+    x = Math.imul(x ^ (x >>> 15), x | 1);
+    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
+    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+interface Service {
+  child: ChildProcess;
+  port: number;
+  exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** The last lines the process wrote, for failure messages. */
+  tail(): string;
+  users: userPb.UserServiceClient;
+  wallets: walletPb.WalletServiceClient;
+  billing: billingPb.BillingServiceClient;
+  jobs: jobPb.JobServiceClient;
+  close(): void;
+}
+
+function startService(env: Record<string, string>): Promise<Service> {
+  const child = spawn(process.execPath, [MAIN], { env: { PATH: process.env.PATH, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  const keep = (d: Buffer) => {
+    out = (out + d.toString()).slice(-20_000);
+  };
+  child.stdout!.on('data', keep);
+  child.stderr!.on('data', keep);
+  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.on('exit', (code, signal) => resolve({ code, signal })),
+  );
+  return new Promise((resolve, reject) => {
+    let buffered = '';
+    const timer = setTimeout(() => reject(new Error(`service did not start:\n${out}`)), 30_000);
+    const onData = (d: Buffer) => {
+      buffered += d.toString();
+      const line = buffered.split('\n').find((l) => l.includes('billing-service ready'));
+      if (!line) return;
+      clearTimeout(timer);
+      child.stdout!.off('data', onData);
+      const address = `127.0.0.1:${JSON.parse(line).port}`;
+      const creds = grpc.credentials.createInsecure();
+      const clients = {
+        users: new userPb.UserServiceClient(address, creds),
+        wallets: new walletPb.WalletServiceClient(address, creds),
+        billing: new billingPb.BillingServiceClient(address, creds),
+        jobs: new jobPb.JobServiceClient(address, creds),
+      };
+      resolve({
+        child,
+        port: JSON.parse(line).port,
+        exit,
+        tail: () => out.slice(-4000),
+        ...clients,
+        close: () => Object.values(clients).forEach((c) => c.close()),
+      });
+    };
+    child.stdout!.on('data', onData);
+    void exit.then(({ code, signal }) => {
+      clearTimeout(timer);
+      reject(new Error(`service exited (${code ?? signal}) before it was ready:\n${out}`));
+    });
+  });
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const micros = (m?: { units: bigint; nanos: number }) => m!.units * 1_000_000n + BigInt(m!.nanos / 1000);
+
+const SERVICES = ['api-calls', 'storage', 'bandwidth', 'compute'];
+const USERS = 50;
+const UNKNOWN_USER = 100_000;
+
+interface UsageFile {
+  partA: string[];
+  partB: string[];
+  expected: { BILLED: number; PENDING: number; REJECTED: number };
+}
+
+/** A seeded NDJSON usage file in two parts, and how many rows of each status it must leave. */
+function usageFile(rand: () => number, seed: number, userIds: number[]): UsageFile {
+  const lines: string[] = [];
+  const expected = { BILLED: 0, PENDING: 0, REJECTED: 0 };
+  const valid: string[] = [];
+  const pick = <T>(xs: T[]) => xs[Math.floor(rand() * xs.length)];
+  for (let k = 0; k < 3500; k++) {
+    const r = rand();
+    const base = {
+      userId: pick(userIds),
+      service: pick(SERVICES),
+      quantity: rand() < 0.8 ? 1 + Math.floor(rand() * 40) : (rand() * 10).toFixed(3),
+      timestamp: new Date(Date.UTC(2025, 0, 1) + Math.floor(rand() * 3e10)).toISOString(),
+    };
+    if (r < 0.83) {
+      const line = JSON.stringify({ ...base, id: `s${seed}-${k}` });
+      lines.push(line);
+      valid.push(line);
+      expected.BILLED++;
+    } else if (r < 0.86 && valid.length > 0) {
+      lines.push(pick(valid)); // the same event again (same id): stored once
+    } else if (r < 0.89) {
+      // No id: identified by content and occurrence, so each line is a usage of its own.
+      lines.push(JSON.stringify({ ...base, quantity: 1 + (k % 3) }));
+      expected.BILLED++;
+    } else if (r < 0.92) {
+      lines.push(JSON.stringify({ ...base, userId: UNKNOWN_USER, id: `s${seed}-${k}` }));
+      expected.PENDING++;
+    } else if (r < 0.94) {
+      lines.push(JSON.stringify({ ...base, service: 'gpu', id: `s${seed}-${k}` }));
+      expected.PENDING++;
+    } else if (r < 0.97) {
+      lines.push(JSON.stringify({ ...base, quantity: -1 - (k % 5) }));
+      expected.REJECTED++;
+    } else {
+      lines.push(`{"userId": ${base.userId}, "service": "storage", "quantity": ${k}`); // cut short
+      expected.REJECTED++;
+    }
+  }
+  return { partA: lines.slice(0, 2000), partB: lines.slice(2000), expected };
+}
+
+/** Sends the items `width` at a time, in order, until `stop` says so. */
+async function inPool<T>(items: T[], width: number, stop: () => boolean, send: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: width }, async () => {
+      while (!stop() && next < items.length) await send(items[next++]);
+    }),
+  );
+}
+
+type Outcome = { ok: true; value: string } | { ok: false; code: grpc.status | 'NOT_SENT' };
+
+describe('SIGKILL at a seeded moment, restart, finish: nothing lost, nothing twice', () => {
+  let dir: string;
+  let db: TestDatabase;
+  const running: Service[] = [];
+
+  beforeEach(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-crash-'));
+    db = await createTestDatabase(dir);
+  });
+
+  afterEach(async () => {
+    for (const s of running.splice(0)) {
+      s.close();
+      if (s.child.exitCode === null && s.child.signalCode === null) {
+        s.child.kill('SIGKILL');
+        await s.exit;
+      }
+    }
+    await db.drop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it.each(SEEDS)('seed %i', async (seed) => {
+    const rand = mulberry32(seed);
+    const between = (lo: number, hi: number) => lo + Math.floor(rand() * (hi - lo + 1));
+    const file = path.join(dir, 'usage.ndjson');
+    const env = {
+      GRPC_PORT: '0',
+      ...db.env,
+      INGEST_CRON: 'off',
+      LOG_FILE_PATH: file,
+      RETRY_BASE_DELAY_MS: '20',
+      MAX_RETRIES: '3',
+      LOG_LEVEL: 'info',
+    };
+
+    // ---- set-up: users and opening balances, all acknowledged ----------------
+    let svc = await startService(env);
+    running.push(svc);
+    const userIds: number[] = [];
+    const credits = new Map<string, { userId: number; amount: bigint }>();
+    const openings: { requestId: string; userId: bigint; amount: ReturnType<typeof money> }[] = [];
+    for (let i = 0; i < USERS; i++) {
+      // In order, so that a seed always gives user i the same id.
+      const { user } = await call(svc.users, 'createUser', { email: `c${i}@example.com`, name: `C${i}`, requestId: `u-${i}` });
+      userIds.push(Number(user!.id));
+      // A third of the users start short; the rest can pay for a good part of their usage.
+      const amount = money(i % 3 === 0 ? `${between(0, 3)}.5` : `${between(20, 120)}`);
+      openings.push({ requestId: `open-${i}`, userId: user!.id, amount });
+      credits.set(`open-${i}`, { userId: Number(user!.id), amount: micros(amount) });
+    }
+    await Promise.all(openings.map((o) => call(svc.wallets, 'addFunds', o)));
+    const usage = usageFile(rand, seed, userIds);
+    fs.writeFileSync(file, usage.partA.join('\n') + '\n');
+    /** Appends part B the way a log shipper should: a complete file renamed into place. */
+    let appended = false;
+    const appendPartB = () => {
+      if (appended) return;
+      appended = true;
+      fs.writeFileSync(`${file}.tmp`, [...usage.partA, ...usage.partB].join('\n') + '\n');
+      fs.renameSync(`${file}.tmp`, file);
+    };
+
+    // ---- the plan: request_id'd top-ups and manual records --------------------
+    const topUps = Array.from({ length: 150 }, (_, i) => ({
+      requestId: `t-${i}`,
+      userId: userIds[between(0, USERS - 1)],
+      amount: money(`${between(1, 30)}`),
+    }));
+    const manual = Array.from({ length: 60 }, (_, i) => ({
+      requestId: `m-${i}`,
+      userId: userIds[between(0, USERS - 1)],
+      amount: money(`${between(1, 20)}.25`),
+      description: `manual ${i}`,
+    }));
+    const topUpOutcome = new Map<string, Outcome>(topUps.map((t) => [t.requestId, { ok: false, code: 'NOT_SENT' }]));
+    const manualOutcome = new Map<string, Outcome>(manual.map((m) => [m.requestId, { ok: false, code: 'NOT_SENT' }]));
+
+    // ---- the kill moment -------------------------------------------------------
+    const phase = (['ingest', 'charging', 'retries'] as const)[between(0, 2)];
+    const killAfterLogs = between(1, 2); // 'ingest': after the n-th ProcessLogs is sent ...
+    const killAfterResponses = between(5, 150); // 'charging': after n answered money calls ...
+    const killDelayMs = phase === 'ingest' ? between(0, 250) : phase === 'charging' ? between(0, 10) : between(0, 150);
+    const ctx = {
+      seed,
+      kill: phase === 'ingest' ? `${killDelayMs} ms after ProcessLogs #${killAfterLogs} was sent` : phase === 'charging'
+        ? `${killDelayMs} ms after ${killAfterResponses} answered money calls` : `${killDelayMs} ms after the traffic ended`,
+    };
+
+    let killed = false;
+    let killTimer: NodeJS.Timeout | undefined;
+    const killAt = (ms: number) => {
+      if (killed || killTimer) return;
+      killTimer = setTimeout(() => {
+        killed = true;
+        svc.child.kill('SIGKILL');
+      }, ms);
+    };
+
+    // ---- chaos: ingestion, top-ups, manual records and manual charges at once --
+    let logsSent = 0;
+    let answered = 0;
+    const ingestLoop = async () => {
+      for (let round = 0; round < 4 && !killed; round++) {
+        if (round === 1) appendPartB();
+        logsSent++;
+        const pending = call(svc.jobs, 'processLogs', {}, { deadlineMs: 30_000 }).catch(() => undefined);
+        if (phase === 'ingest' && logsSent === killAfterLogs) killAt(killDelayMs);
+        await pending;
+      }
+    };
+    const record = (outcomes: Map<string, Outcome>, id: string, p: Promise<string>) =>
+      p.then(
+        (value) => {
+          outcomes.set(id, { ok: true, value });
+          if (phase === 'charging' && ++answered === killAfterResponses) killAt(killDelayMs);
+        },
+        (err: grpc.ServiceError) => void outcomes.set(id, { ok: false, code: err.code }),
+      );
+    const topUpLoop = () =>
+      inPool(topUps, 6, () => killed, (t) =>
+        record(
+          topUpOutcome,
+          t.requestId,
+          call(svc.wallets, 'addFunds', { userId: BigInt(t.userId), amount: t.amount, requestId: t.requestId }).then((r) =>
+            `${r.transaction!.id}:${micros(r.transaction!.balanceAfter)}`,
+          ),
+        ),
+      );
+    const manualLoop = () =>
+      inPool(manual, 3, () => killed, (m) =>
+        record(
+          manualOutcome,
+          m.requestId,
+          call(svc.billing, 'createBillingRecord', {
+            userId: BigInt(m.userId),
+            amount: m.amount,
+            description: m.description,
+            requestId: m.requestId,
+          }).then((r) => String(r.billingRecord!.id)),
+        ),
+      );
+    const chargeLoop = () =>
+      inPool(
+        Array.from({ length: 80 }, () => between(1, 120)),
+        2,
+        () => killed,
+        (id) => call(svc.billing, 'processBillingRecord', { id: BigInt(id) }).then(() => undefined, () => undefined),
+      );
+    await Promise.all([ingestLoop(), topUpLoop(), manualLoop(), chargeLoop()]);
+    killAt(killDelayMs); // 'retries', or a planned moment the traffic never reached
+    const { signal } = await svc.exit;
+    expect({ ...ctx, signal }).toEqual({ ...ctx, signal: 'SIGKILL' });
+    svc.close();
+
+    // ---- restart on the same database and finish everything --------------------
+    svc = await startService(env);
+    running.push(svc);
+    appendPartB();
+    // Every unanswered call is retried with its request_id; a few answered ones are replayed too (chosen in plan order).
+    const replays: { requestId: string; first: string; again: string }[] = [];
+    const again = [
+      ...topUps.map((t) => ({
+        first: topUpOutcome.get(t.requestId)!,
+        requestId: t.requestId,
+        send: () =>
+          call(svc.wallets, 'addFunds', { userId: BigInt(t.userId), amount: t.amount, requestId: t.requestId }).then(
+            (res) => `${res.transaction!.id}:${micros(res.transaction!.balanceAfter)}`,
+          ),
+      })),
+      ...manual.map((m) => ({
+        first: manualOutcome.get(m.requestId)!,
+        requestId: m.requestId,
+        send: () =>
+          call(svc.billing, 'createBillingRecord', { userId: BigInt(m.userId), amount: m.amount, description: m.description, requestId: m.requestId }).then(
+            (res) => String(res.billingRecord!.id),
+          ),
+      })),
+    ].filter((x) => !x.first.ok || rand() <= 0.15);
+    await inPool(again, 8, () => false, async (x) => {
+      const value = await x.send();
+      if (x.first.ok) replays.push({ requestId: x.requestId, first: x.first.value, again: value });
+    });
+    // A replay answers what the first call answered.
+    expect({ ...ctx, replays }).toEqual({ ...ctx, replays: replays.map((r) => ({ ...r, again: r.first })) });
+
+    const run = (await call(svc.jobs, 'processLogs', {}, { deadlineMs: 30_000 })).jobRun!;
+    expect({ ...ctx, status: jobPb.JobRunStatus[run.status] }).toEqual({ ...ctx, status: 'JOB_RUN_STATUS_SUCCEEDED' });
+    // Retries are 20, 40 and 80 ms apart: within a few seconds every record is PAID or FAILED.
+    let pending = -1;
+    for (let round = 0; round < 200; round++) {
+      await call(svc.jobs, 'processRetries', {});
+      const { billingRecords } = await call(svc.billing, 'listBillingRecords', {
+        userId: 0n,
+        status: billingPb.BillingRecordStatus.BILLING_RECORD_STATUS_PENDING,
+        pageSize: 1,
+        pageToken: '',
+      });
+      pending = billingRecords.length;
+      if (pending === 0) break;
+      await sleep(25);
+    }
+    expect({ ...ctx, pending }).toEqual({ ...ctx, pending: 0 });
+    svc.close();
+    svc.child.kill('SIGTERM');
+    const stopped = await svc.exit;
+    expect({ ...ctx, exit: stopped }).toEqual({ ...ctx, exit: { code: 0, signal: null } });
+
+    // ---- what the database says ------------------------------------------------
+    const config: DatabaseConfig = db.env.DATABASE_URL
+      ? { kind: 'postgresql', url: db.env.DATABASE_URL }
+      : { kind: 'sqlite', path: db.env.DB_PATH };
+    const orm = await openOrm(config, pino({ level: 'silent' }), { migrate: false });
+    try {
+      const em = orm.em.fork();
+      const report = await checkInvariants(em);
+      expect({ ...ctx, violations: report.violations }).toEqual({ ...ctx, violations: [] });
+
+      // Every entry of the file stored exactly once, each in the state it must be in.
+      expect({ ...ctx, usage: report.counts.usageLogs }).toEqual({ ...ctx, usage: usage.expected });
+
+      // Every request_id'd credit exactly once, for its amount, and no credit without one.
+      for (const t of topUps) credits.set(t.requestId, { userId: t.userId, amount: micros(t.amount) });
+      const rows = await em.execute<{ request_id: string | null; user_id: number | string; amount: string }[]>(
+        `select request_id, user_id, cast(amount as text) as amount from wallet_transactions where type = 'CREDIT' order by id`,
+      );
+      const seen = rows.map((r) => `${r.request_id}:${Number(r.user_id)}:${r.amount}`).sort();
+      const planned = [...credits].map(([id, c]) => `${id}:${c.userId}:${c.amount}`).sort();
+      expect({ ...ctx, credits: seen }).toEqual({ ...ctx, credits: planned });
+
+      // Every request_id'd manual record exactly once.
+      const records = await em.execute<{ description: string; n: number | string }[]>(
+        `select description, count(*) as n from billing_records where kind = 'MANUAL' group by description`,
+      );
+      expect({ ...ctx, manual: records.map((r) => `${r.description}:${Number(r.n)}`).sort() }).toEqual({
+        ...ctx,
+        manual: manual.map((m) => `${m.description}:1`).sort(),
+      });
+    } finally {
+      await orm.close();
+    }
+  });
+});

@@ -1,0 +1,373 @@
+/**
+ * The invariant checker (src/ops/invariants.ts) passes on a busy, healthy
+ * database and catches each rule broken by hand: every corruption runs in a
+ * transaction that is rolled back, so each starts from the same healthy data,
+ * and each must trip exactly the rules it breaks. The CLI is run as operators
+ * run it (dist/, built by `npm test`): exit 0, 1 or 2, and never a migration
+ * applied to a database it was pointed at.
+ */
+import { spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import type { EntityManager } from '@mikro-orm/knex';
+import pino from 'pino';
+import { openOrm } from '../../src/db/orm';
+import { checkInvariants, INVARIANT_RULES, type InvariantReport, type InvariantRule } from '../../src/ops/invariants';
+import { createTestDatabase, onPostgres } from '../helpers/database';
+import { FakeClock } from '../helpers/fake-clock';
+import { call, money, startTestApp, type TestApp } from '../helpers/harness';
+import { appendNdjson, entry, writeNdjson } from '../helpers/usage';
+
+const CLI = path.resolve(__dirname, '../../dist/src/ops/check-invariants.js');
+
+type Row = Record<string, unknown>;
+
+class Rollback extends Error {}
+
+function runCli(env: Record<string, string>, args: string[] = []): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const child = spawn(process.execPath, [CLI, ...args], { env: { PATH: process.env.PATH, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => (stdout += d));
+  child.stderr.on('data', (d) => (stderr += d));
+  return new Promise((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+}
+
+const rulesOf = (report: InvariantReport): InvariantRule[] => [...new Set(report.violations.map((v) => v.rule))].sort();
+
+describe('the invariant checker', () => {
+  let t: TestApp;
+  let clock: FakeClock;
+
+  /** Reads rows through a fresh fork of the app's entity manager. */
+  const q = (sql: string, params: unknown[] = []) => t.app.orm.em.fork().execute<Row[]>(sql, params);
+
+  beforeAll(async () => {
+    clock = new FakeClock();
+    t = await startTestApp({ MAX_RETRIES: '2', RETRY_BASE_DELAY_MS: '1000' }, { clock, scheduler: false });
+    const file = path.join(t.dir, 'usage-logs.json');
+    const ids: bigint[] = [];
+    for (let i = 1; i <= 12; i++) {
+      const { user } = await call(t.users, 'createUser', { email: `busy${i}@example.com`, name: `Busy ${i}`, requestId: `u-${i}` });
+      ids.push(user!.id);
+      // Users 10-12 start with nothing, 7-9 with too little for their usage.
+      if (i <= 9) await call(t.wallets, 'addFunds', { userId: user!.id, amount: money(i <= 6 ? '500' : '0.25'), requestId: `f-${i}` });
+    }
+    for (const [n, id] of ids.entries()) {
+      await call(t.billing, 'createBillingRecord', { userId: id, amount: money('1.5'), description: `fee ${n}`, requestId: `r-${n}` });
+    }
+    const usage = [];
+    for (let k = 0; k < 300; k++) {
+      const userId = Number(ids[k % ids.length]);
+      usage.push(entry(userId, ['api-calls', 'storage', 'bandwidth', 'compute'][k % 4], (k % 7) + 0.5, { id: `e-${k}` }));
+    }
+    usage.push(entry(999, 'api-calls', 5)); // unknown user: stays PENDING
+    usage.push(entry(Number(ids[0]), 'gpu', 5)); // no price: stays PENDING
+    writeNdjson(file, [...usage, '{"userId": 1, "service": ', '{"userId": -4, "service": "storage", "quantity": 1, "timestamp": "2024-01-15T10:00:00Z"}']);
+    await call(t.jobs, 'processLogs', {});
+    // Retries run out for the short users: FAILED and suspended.
+    for (const delay of [1000, 2000]) {
+      clock.advance(delay);
+      await call(t.jobs, 'processRetries', {});
+    }
+    // A top-up settles one suspended user's failed records; another gets a partial top-up.
+    await call(t.wallets, 'addFunds', { userId: ids[7], amount: money('100'), requestId: 'settle-8' });
+    await call(t.wallets, 'addFunds', { userId: ids[10], amount: money('1'), requestId: 'partial-11' });
+    appendNdjson(file, [entry(Number(ids[1]), 'storage', 3, { id: 'late-1' }), entry(Number(ids[2]), 'compute', '0.000001', { id: 'late-2' })]);
+    await call(t.jobs, 'processLogs', {});
+    // A deleted user (nothing owed, nothing left) keeps its ledger.
+    const { user: gone } = await call(t.users, 'createUser', { email: 'gone@example.com', name: 'Gone', requestId: '' });
+    await call(t.wallets, 'addFunds', { userId: gone!.id, amount: money('2'), requestId: '' });
+    await call(t.billing, 'createBillingRecord', { userId: gone!.id, amount: money('2'), description: 'final', requestId: '' });
+    await call(t.users, 'deleteUser', { id: gone!.id });
+  });
+
+  afterAll(async () => t?.stop());
+
+  /**
+   * Applies a corruption inside a transaction, checks the database as the
+   * transaction sees it, and rolls everything back.
+   */
+  async function corrupted(corrupt: (tx: EntityManager) => Promise<void>): Promise<InvariantReport> {
+    let report: InvariantReport | undefined;
+    const em = t.app.orm.em.fork();
+    try {
+      await em.transactional(async (tx) => {
+        await corrupt(tx);
+        report = await checkInvariants(tx);
+        throw new Rollback();
+      });
+    } catch (err) {
+      if (!(err instanceof Rollback)) throw err;
+    } finally {
+      // A connection flag, not part of the transaction (SQLite only).
+      if (!onPostgres) await em.execute('pragma ignore_check_constraints = off');
+    }
+    return report!;
+  }
+
+  /** Lets a corruption write values the schema's CHECK constraints refuse. */
+  async function withoutChecks(tx: EntityManager): Promise<void> {
+    if (onPostgres) {
+      await tx.execute('alter table wallets drop constraint wallets_balance_check');
+      await tx.execute('alter table wallet_transactions drop constraint wallet_transactions_balance_after_check');
+    } else {
+      await tx.execute('pragma ignore_check_constraints = on');
+    }
+  }
+
+  const one = async (tx: EntityManager, sql: string, params: unknown[] = []): Promise<Row> => {
+    const rows = await tx.execute<Row[]>(sql, params);
+    expect(rows.length).toBeGreaterThan(0); // the healthy data has what the corruption needs
+    return rows[0];
+  };
+
+  /** A PAID, debited record of a user who could pay it again. */
+  const paidRecord = (tx: EntityManager) =>
+    one(
+      tx,
+      `select r.id, r.user_id, cast(r.amount as text) as amount, cast(w.balance as text) as balance
+       from billing_records r join wallets w on w.user_id = r.user_id
+       where r.status = 'PAID' and r.amount > 0 and w.balance >= r.amount order by r.id`,
+    );
+
+  it('passes on a busy healthy database and counts what it holds', async () => {
+    const report = await checkInvariants(t.app.orm.em);
+    expect(report.violations).toEqual([]);
+    expect(report.ok).toBe(true);
+    const c = report.counts;
+    // The fixture reaches every state the rules talk about.
+    expect(c.billingRecords.PAID).toBeGreaterThan(0);
+    expect(c.billingRecords.PENDING + c.billingRecords.FAILED).toBeGreaterThan(0);
+    expect(c.usageLogs).toEqual({ BILLED: 302, PENDING: 2, REJECTED: 2 });
+    expect(c.deletedUsers).toBe(1);
+    expect(c.totalBalance).toBe(c.creditTotal - c.debitTotal);
+    const [{ n }] = await q(`select count(*) as n from wallet_transactions`);
+    expect(c.credits + c.debits).toBe(Number(n));
+  });
+
+  it('reports a wallet whose balance differs from its ledger', async () => {
+    const report = await corrupted(async (tx) => {
+      const { user_id } = await one(tx, `select user_id from wallets where balance > 0 order by user_id`);
+      await tx.execute('update wallets set balance = balance + 1 where user_id = ?', [user_id]);
+    });
+    expect(rulesOf(report)).toEqual(['balance_matches_ledger']);
+    expect(report.ok).toBe(false);
+  });
+
+  it('reports ledger rows of a user that has no wallet', async () => {
+    const report = await corrupted(async (tx) => {
+      const { user_id } = await one(tx, `select user_id from wallets where balance = 0 and exists (select 1 from wallet_transactions t where t.user_id = wallets.user_id)`);
+      await tx.execute('delete from wallets where user_id = ?', [user_id]);
+    });
+    expect(rulesOf(report)).toEqual(['balance_matches_ledger']);
+  });
+
+  it('reports a balance and a ledger row below zero, even when ledger and chain agree', async () => {
+    const report = await corrupted(async (tx) => {
+      await withoutChecks(tx);
+      const { user_id, balance } = await one(tx, `select user_id, cast(balance as text) as balance from wallets where balance > 0 order by user_id`);
+      const amount = (BigInt(balance as string) + 5_000_000n).toString();
+      const [{ id }] = await tx.execute<Row[]>(
+        `insert into billing_records (user_id, kind, amount, status, description, created_at, updated_at, paid_at)
+         values (?, 'MANUAL', cast(? as bigint), 'PAID', 'overdraft', 0, 0, 0) returning id`,
+        [user_id, amount],
+      );
+      await tx.execute(
+        `insert into wallet_transactions (user_id, type, amount, balance_after, billing_record_id, created_at)
+         values (?, 'DEBIT', cast(? as bigint), cast(? as bigint), ?, 0)`,
+        [user_id, amount, '-5000000', id],
+      );
+      await tx.execute(`update wallets set balance = cast(? as bigint) where user_id = ?`, ['-5000000', user_id]);
+    });
+    expect(rulesOf(report)).toEqual(['no_negative_balance']);
+    expect(report.violations).toHaveLength(2); // the wallet and the ledger row
+  });
+
+  it('reports a ledger whose rows do not follow from each other', async () => {
+    const report = await corrupted(async (tx) => {
+      const { id } = await one(
+        tx,
+        `select min(t.id) as id from wallet_transactions t
+         where t.user_id = (select user_id from wallet_transactions group by user_id having count(*) >= 3 order by user_id limit 1)`,
+      );
+      await tx.execute('update wallet_transactions set balance_after = balance_after + 1 where id = ?', [id]);
+    });
+    expect(rulesOf(report)).toEqual(['ledger_chain']);
+    expect(report.violations).toHaveLength(2); // the row itself and the one after it
+  });
+
+  it('reports a billing record debited twice', async () => {
+    const report = await corrupted(async (tx) => {
+      await tx.execute('drop index wallet_transactions_one_debit_per_record');
+      const r = await paidRecord(tx);
+      const after = (BigInt(r.balance as string) - BigInt(r.amount as string)).toString();
+      await tx.execute(
+        `insert into wallet_transactions (user_id, type, amount, balance_after, billing_record_id, created_at)
+         values (?, 'DEBIT', cast(? as bigint), cast(? as bigint), ?, 0)`,
+        [r.user_id, r.amount, after, r.id],
+      );
+      await tx.execute('update wallets set balance = cast(? as bigint) where user_id = ?', [after, r.user_id]);
+    });
+    // The ledger itself stays consistent: only the record rules see the second debit.
+    expect(rulesOf(report)).toEqual(['one_debit_per_record', 'paid_record_debited_once']);
+  });
+
+  it('reports a PAID record that was never debited', async () => {
+    const report = await corrupted(async (tx) => {
+      const { user_id } = await one(tx, `select user_id from wallets order by user_id`);
+      await tx.execute(
+        `insert into billing_records (user_id, kind, amount, status, description, created_at, updated_at, paid_at)
+         values (?, 'MANUAL', 5000000, 'PAID', 'free lunch', 0, 0, 0)`,
+        [user_id],
+      );
+    });
+    expect(rulesOf(report)).toEqual(['paid_record_debited_once']);
+  });
+
+  it('reports a debit that belongs to a record that is not PAID', async () => {
+    const report = await corrupted(async (tx) => {
+      const { id } = await paidRecord(tx);
+      await tx.execute(`update billing_records set status = 'FAILED', paid_at = null where id = ?`, [id]);
+    });
+    expect(rulesOf(report)).toEqual(['debit_for_paid_record']);
+  });
+
+  it('reports a usage entry linked to a record while not BILLED', async () => {
+    const report = await corrupted(async (tx) => {
+      const { id } = await one(tx, `select id from usage_logs where status = 'REJECTED' order by id`);
+      const { id: recordId } = await one(tx, `select id from billing_records where kind = 'USAGE' order by id`);
+      await tx.execute('update usage_logs set billing_record_id = ? where id = ?', [recordId, id]);
+    });
+    expect(rulesOf(report)).toEqual(['usage_linked_to_record']);
+  });
+
+  it("reports a BILLED entry moved to another user's record", async () => {
+    const report = await corrupted(async (tx) => {
+      const e = await one(tx, `select id, user_id from usage_logs where status = 'BILLED' order by id`);
+      const { id: other } = await one(tx, `select id from billing_records where kind = 'USAGE' and user_id <> ? order by id`, [e.user_id]);
+      await tx.execute('update usage_logs set billing_record_id = ? where id = ?', [other, e.id]);
+    });
+    // The quantities no longer match the line items on either record either.
+    expect(rulesOf(report)).toEqual(['usage_linked_to_record', 'usage_matches_line_items']);
+  });
+
+  it('reports a usage record whose amount is not the sum of its line items', async () => {
+    const report = await corrupted(async (tx) => {
+      const { id } = await one(tx, `select min(id) as id from line_items`);
+      await tx.execute('update line_items set amount = amount + 1 where id = ?', [id]);
+    });
+    expect(rulesOf(report)).toEqual(['usage_record_total']);
+  });
+
+  it('reports a billed quantity that its line item does not bill', async () => {
+    const report = await corrupted(async (tx) => {
+      const { id } = await one(tx, `select id from usage_logs where status = 'BILLED' order by id`);
+      await tx.execute('update usage_logs set quantity = quantity + 1 where id = ?', [id]);
+    });
+    expect(rulesOf(report)).toEqual(['usage_matches_line_items']);
+  });
+
+  it('has a corruption above for every rule', () => {
+    // Keeps this file honest when a rule is added.
+    expect(Object.keys(INVARIANT_RULES).sort()).toEqual(
+      [
+        'balance_matches_ledger',
+        'debit_for_paid_record',
+        'ledger_chain',
+        'no_negative_balance',
+        'one_debit_per_record',
+        'paid_record_debited_once',
+        'usage_linked_to_record',
+        'usage_matches_line_items',
+        'usage_record_total',
+      ].sort(),
+    );
+  });
+
+  it('the rolled-back corruptions left the database healthy', async () => {
+    expect((await checkInvariants(t.app.orm.em)).violations).toEqual([]);
+  });
+
+  describe('npm run check-invariants', () => {
+    const dbEnv = (): Record<string, string> => {
+      const db = t.app.config.database;
+      return db.kind === 'sqlite' ? { DB_PATH: db.path } : { DATABASE_URL: db.url };
+    };
+
+    it('exits 0 on the healthy database and 1 with the broken rule named once it is corrupted', async () => {
+      const healthy = await runCli(dbEnv());
+      expect({ code: healthy.code, stderr: healthy.stderr }).toEqual({ code: 0, stderr: '' });
+      expect(healthy.stdout).toContain('OK: every invariant holds');
+
+      const [{ user_id }] = await q(`select user_id from wallets where balance > 0 order by user_id limit 1`);
+      await t.app.orm.em.fork().execute('update wallets set balance = balance + 1 where user_id = ?', [user_id]);
+      try {
+        const broken = await runCli(dbEnv());
+        expect(broken.code).toBe(1);
+        expect(broken.stdout).toContain('balance_matches_ledger');
+        expect(broken.stdout).toContain(`wallet of user ${user_id}`);
+      } finally {
+        await t.app.orm.em.fork().execute('update wallets set balance = balance - 1 where user_id = ?', [user_id]);
+      }
+    });
+
+    it('exits 2 without creating anything when the database does not exist', async () => {
+      if (onPostgres) {
+        const url = new URL((t.app.config.database as { url: string }).url);
+        const name = `${url.pathname.slice(1)}_missing`;
+        url.pathname = `/${name}`;
+        const res = await runCli({ DATABASE_URL: url.toString() });
+        expect(res.code).toBe(2);
+        expect(res.stderr).toContain('does not exist');
+        const [{ n }] = await q(`select count(*) as n from pg_database where datname = ?`, [name]);
+        expect(Number(n)).toBe(0);
+      } else {
+        const missing = path.join(t.dir, 'no-such.db');
+        const res = await runCli({}, [missing]);
+        expect(res.code).toBe(2);
+        expect(res.stderr).toContain('no database file');
+        expect(fs.existsSync(missing)).toBe(false);
+      }
+    });
+
+    it('exits 2 on a database without the schema and does not migrate it', async () => {
+      const dir = fs.mkdtempSync(path.join(t.dir, 'foreign-'));
+      let env: Record<string, string>;
+      let args: string[] = [];
+      const foreign = await createTestDatabase(dir);
+      if (onPostgres) {
+        env = foreign.env;
+      } else {
+        // An operator's arbitrary SQLite file: a database with a table of its own.
+        const file = path.join(dir, 'other.db');
+        const orm = await openOrm({ kind: 'sqlite', path: file }, pino({ level: 'silent' }), { migrate: false });
+        await orm.em.fork().execute('create table notes (body text)');
+        await orm.close();
+        env = {};
+        args = [file];
+      }
+      try {
+        const res = await runCli(env, args);
+        expect(res.code).toBe(2);
+        expect(res.stderr).toContain('the billing schema is missing');
+        const config = onPostgres
+          ? { kind: 'postgresql' as const, url: env.DATABASE_URL }
+          : { kind: 'sqlite' as const, path: args[0] };
+        const orm = await openOrm(config, pino({ level: 'silent' }), { migrate: false });
+        try {
+          const tables = await orm.em.fork().execute<{ name: string }[]>(
+            onPostgres
+              ? `select table_name as name from information_schema.tables where table_schema = 'public'`
+              : `select name from sqlite_master where type = 'table'`,
+          );
+          expect(tables.map((x) => x.name)).toEqual(onPostgres ? [] : ['notes']);
+        } finally {
+          await orm.close();
+        }
+      } finally {
+        await foreign.drop();
+      }
+    });
+  });
+});
