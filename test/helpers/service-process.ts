@@ -38,9 +38,14 @@ export function startServiceProcess(env: Record<string, string>, timeoutMs = 30_
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   spawned.add(child);
+  // Keep the last 1 MB of output: enough for failure messages, bounded for long runs.
   let out = '';
-  child.stdout!.on('data', (d) => (out += d));
-  child.stderr!.on('data', (d) => (out += d));
+  const keep = (d: Buffer) => {
+    out += d;
+    if (out.length > 1_000_000) out = out.slice(-1_000_000);
+  };
+  child.stdout!.on('data', keep);
+  child.stderr!.on('data', keep);
   const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
     child.on('exit', (code, signal) => {
       spawned.delete(child);
