@@ -4,11 +4,12 @@
  * directly with port 0, a temporary database and, when they need one, a clock.
  */
 import type { Logger } from 'pino';
-import type { Config } from './config';
+import { checkExposure, type Config } from './config';
 import { openOrm, type Orm } from './db/orm';
 import { createBillingService } from './billing/billing.service';
 import type { BillingService } from './billing/billing.types';
-import { createGrpcServer, type GrpcServer } from './grpc/server';
+import { loadTokensFile } from './grpc/auth';
+import { createGrpcServer, serverCredentials, type GrpcServer } from './grpc/server';
 import { createCron, type Cron } from './jobs/cron';
 import { createJobsService } from './jobs/jobs.service';
 import type { JobsService } from './jobs/jobs.types';
@@ -50,6 +51,11 @@ export interface AppOptions {
 export async function startApp(config: Readonly<Config>, opts: AppOptions = {}): Promise<App> {
   const clock = opts.clock ?? systemClock;
   const log = opts.log ?? createLogger(config.logLevel);
+  // Security settings first: a refused exposure or a bad token or TLS file
+  // is a ConfigError before anything is opened.
+  const warnings = checkExposure(config);
+  const tokens = config.authTokensFile ? loadTokensFile(config.authTokensFile) : null;
+  const credentials = serverCredentials(config.tls);
   const orm = await openOrm(config.database, log);
   try {
     let scheduler: RetryScheduler | undefined;
@@ -75,13 +81,26 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
     scheduler = createRetryScheduler({ em: orm.em, clock, log, billing, jobs });
     const services: Services = { users, wallets, billing, jobs };
 
-    const grpc = createGrpcServer({ em: orm.em, services, log, currency: config.currency });
+    const grpc = createGrpcServer({
+      em: orm.em,
+      services,
+      log,
+      currency: config.currency,
+      tokens,
+      limits: config.limits,
+      credentials,
+    });
     const port = await grpc.bind(config.grpcHost, config.grpcPort);
+    // SQLite belongs to this one process: a run still RUNNING was cut off by a previous stop.
+    if (config.database.kind === 'sqlite') await jobs.closeInterruptedRuns();
     if (opts.scheduler !== false) await scheduler.start();
     const cron = config.ingestCron ? createCron({ expression: config.ingestCron, jobs, log }) : null;
     cron?.start();
     grpc.setServing(true);
-    log.info({ host: config.grpcHost, port, database: config.database.kind }, 'billing-service ready');
+    for (const warning of warnings) log.warn({ security: true }, warning);
+    const auth = tokens ? `tokens (${tokens.names.length})` : 'off';
+    const transport = config.tls === null ? 'plaintext' : config.tls.clientCaFile === null ? 'tls' : 'mtls';
+    log.info({ host: config.grpcHost, port, database: config.database.kind, auth, transport }, 'billing-service ready');
 
     let stopping: Promise<void> | undefined;
     const stop = () =>

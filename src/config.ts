@@ -2,6 +2,7 @@
  * The only reader of process.env. Every setting is validated here; an invalid
  * value stops start-up with a message naming the variable.
  */
+import { isIPv4, isIPv6 } from 'node:net';
 import { CronTime } from 'cron';
 import { DecimalError, MONEY_SCALE, parseDecimal } from './shared/money';
 
@@ -26,7 +27,49 @@ export interface Config {
   maxFutureSkewMs: number;
   /** How long SIGTERM waits for in-flight calls before forcing them closed. */
   shutdownGraceMs: number;
+  /** JSON list of bearer tokens ({name, token, role}); null turns authentication off. */
+  authTokensFile: string | null;
+  /** Server certificate and key (PEM files), and for mutual TLS the CA client certificates must chain to. */
+  tls: TlsConfig | null;
+  /** Allows listening on a non-loopback address with authentication off. */
+  allowInsecure: boolean;
+  /** Transport limits of the gRPC server. */
+  limits: GrpcLimits;
 }
+
+export interface TlsConfig {
+  certFile: string;
+  keyFile: string;
+  /** Set: mutual TLS, every client must present a certificate issued by this CA. */
+  clientCaFile: string | null;
+}
+
+export interface GrpcLimits {
+  /** Largest request message accepted; a bigger one is RESOURCE_EXHAUSTED. */
+  maxReceiveMessageBytes: number;
+  /** Largest response message sent; a bigger one fails the call with RESOURCE_EXHAUSTED. */
+  maxSendMessageBytes: number;
+  /** Concurrent calls (HTTP/2 streams) per connection. */
+  maxConcurrentStreams: number;
+  /** Idle time after which the server pings a connection, and how long it waits for the answer. */
+  keepaliveTimeMs: number;
+  keepaliveTimeoutMs: number;
+  /** Connections are closed gracefully after this age (so clients rebalance), calls get the grace to finish. */
+  maxConnectionAgeMs: number;
+  maxConnectionAgeGraceMs: number;
+}
+
+const MiB = 1024 * 1024;
+
+export const DEFAULT_GRPC_LIMITS: Readonly<GrpcLimits> = Object.freeze({
+  maxReceiveMessageBytes: 1 * MiB,
+  maxSendMessageBytes: 4 * MiB,
+  maxConcurrentStreams: 1000,
+  keepaliveTimeMs: 2 * 60 * 60 * 1000,
+  keepaliveTimeoutMs: 20_000,
+  maxConnectionAgeMs: 30 * 60 * 1000,
+  maxConnectionAgeGraceMs: 30_000,
+});
 
 export const DEFAULT_PRICING: Record<string, string> = {
   'api-calls': '0.01',
@@ -78,6 +121,87 @@ export function parsePricing(text: string, name = 'PRICING'): Map<string, bigint
   return pricing;
 }
 
+/** A path setting: unset or blank is null. */
+function filePath(env: Env, name: string): string | null {
+  const raw = env[name]?.trim();
+  return raw ? raw : null;
+}
+
+function bool(env: Env, name: string, def: boolean): boolean {
+  const raw = env[name]?.trim().toLowerCase();
+  if (raw === undefined || raw === '') return def;
+  if (raw === 'true') return true;
+  if (raw === 'false') return false;
+  throw new ConfigError(`${name} must be true or false, got ${JSON.stringify(env[name])}`);
+}
+
+function tls(env: Env): TlsConfig | null {
+  const certFile = filePath(env, 'TLS_CERT_FILE');
+  const keyFile = filePath(env, 'TLS_KEY_FILE');
+  const clientCaFile = filePath(env, 'TLS_CLIENT_CA_FILE');
+  if ((certFile === null) !== (keyFile === null)) {
+    throw new ConfigError('TLS_CERT_FILE and TLS_KEY_FILE must be set together (both or neither)');
+  }
+  if (certFile === null || keyFile === null) {
+    if (clientCaFile !== null) throw new ConfigError('TLS_CLIENT_CA_FILE (mutual TLS) needs TLS_CERT_FILE and TLS_KEY_FILE');
+    return null;
+  }
+  return Object.freeze({ certFile, keyFile, clientCaFile });
+}
+
+function limits(env: Env): GrpcLimits {
+  const d = DEFAULT_GRPC_LIMITS;
+  return {
+    maxReceiveMessageBytes: int(env, 'MAX_RECEIVE_MESSAGE_BYTES', d.maxReceiveMessageBytes, 1024, 64 * MiB),
+    // Reflection answers with the whole descriptor set (about 42 KiB), so sending needs at least 64 KiB.
+    maxSendMessageBytes: int(env, 'MAX_SEND_MESSAGE_BYTES', d.maxSendMessageBytes, 64 * 1024, 64 * MiB),
+    maxConcurrentStreams: int(env, 'MAX_CONCURRENT_STREAMS', d.maxConcurrentStreams, 1, 100_000),
+    keepaliveTimeMs: int(env, 'KEEPALIVE_TIME_MS', d.keepaliveTimeMs, 10_000, 86_400_000),
+    keepaliveTimeoutMs: int(env, 'KEEPALIVE_TIMEOUT_MS', d.keepaliveTimeoutMs, 1000, 600_000),
+    // Node timers cap at 2^31-1 ms (about 24.8 days); 7 days is plenty.
+    maxConnectionAgeMs: int(env, 'MAX_CONNECTION_AGE_MS', d.maxConnectionAgeMs, 1000, 7 * 86_400_000),
+    maxConnectionAgeGraceMs: int(env, 'MAX_CONNECTION_AGE_GRACE_MS', d.maxConnectionAgeGraceMs, 0, 3_600_000),
+  };
+}
+
+/** 127.0.0.0/8, ::1 (in any spelling, also as ::ffff:127.x.y.z) and localhost: only this machine can connect. */
+export function isLoopbackHost(host: string): boolean {
+  const h = host.trim().toLowerCase().replace(/^\[(.*)\]$/, '$1');
+  if (h === 'localhost' || h === 'localhost.') return true;
+  if (isIPv4(h)) return h.startsWith('127.');
+  if (!isIPv6(h) || h.includes('%')) return false; // a zone id means a link-local address
+  // The WHATWG URL parser writes IPv6 in one canonical form: compressed, with a mapped IPv4 in hex.
+  const canonical = new URL(`http://[${h}]/`).hostname.slice(1, -1);
+  return canonical === '::1' || /^::ffff:7f[0-9a-f]{2}:[0-9a-f]{1,4}$/.test(canonical);
+}
+
+/**
+ * Secure by default. Listening where other machines can connect with
+ * authentication off is refused unless ALLOW_INSECURE=true. Returns the
+ * warnings to log at start-up (empty for a safe setup).
+ */
+export function checkExposure(config: Readonly<Config>): string[] {
+  if (isLoopbackHost(config.grpcHost)) return [];
+  const where = `GRPC_HOST=${config.grpcHost} is not a loopback address`;
+  if (config.authTokensFile === null) {
+    if (!config.allowInsecure) {
+      throw new ConfigError(
+        `${where} and AUTH_TOKENS_FILE is not set: anyone who can reach the port could move money. ` +
+          'Set AUTH_TOKENS_FILE (and TLS_CERT_FILE/TLS_KEY_FILE), listen on 127.0.0.1, ' +
+          'or set ALLOW_INSECURE=true to accept the risk',
+      );
+    }
+    return [
+      `INSECURE: authentication is OFF and ${where}; anyone who can reach port ${config.grpcPort} may call every RPC ` +
+        '(ALLOW_INSECURE=true). Set AUTH_TOKENS_FILE.',
+    ];
+  }
+  if (config.tls === null) {
+    return [`${where} and TLS is off: bearer tokens and data travel in clear text. Set TLS_CERT_FILE and TLS_KEY_FILE.`];
+  }
+  return [];
+}
+
 function cron(env: Env): string | null {
   const raw = (env.INGEST_CRON ?? '0 * * * *').trim();
   if (raw === 'off') return null;
@@ -120,5 +244,9 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     ingestCron: cron(env),
     maxFutureSkewMs: int(env, 'MAX_FUTURE_SKEW_MS', 300_000, 0, 86_400_000),
     shutdownGraceMs: int(env, 'SHUTDOWN_GRACE_MS', 10_000, 0, 600_000),
+    authTokensFile: filePath(env, 'AUTH_TOKENS_FILE'),
+    tls: tls(env),
+    allowInsecure: bool(env, 'ALLOW_INSECURE', false),
+    limits: Object.freeze(limits(env)),
   });
 }

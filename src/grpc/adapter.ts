@@ -7,8 +7,10 @@
  *   error table (./status.ts) picks for whatever was thrown.
  * - grpc-js does not await handlers, so no rejection may escape from here: an
  *   unhandled rejection would stop the process.
- * - One log line per RPC: { method, code, reason?, durationMs }, at info for
- *   OK and client errors, at error for INTERNAL and UNAVAILABLE.
+ * - One log line per RPC: { method, code, reason?, caller?, durationMs }, at
+ *   info for OK and client errors, at error for INTERNAL and UNAVAILABLE.
+ *   `caller` is the name of the token that authenticated the call (never the
+ *   token), when authentication is on.
  */
 import * as grpc from '@grpc/grpc-js';
 import type { EntityManager } from '@mikro-orm/knex';
@@ -30,17 +32,20 @@ export interface AdapterDeps {
   /** The root entity manager; never used directly, only forked. */
   em: EntityManager;
   log: Logger;
+  /** The authenticated caller's name for a call's metadata, if any (see ./auth.ts). */
+  callerOf?: (metadata: grpc.Metadata) => string | undefined;
 }
 
 const SERVER_FAULTS: ReadonlySet<grpc.status> = new Set([grpc.status.INTERNAL, grpc.status.UNAVAILABLE]);
 
 /** Builds `unary(name, handler)` over the given root entity manager and logger. */
 export function createUnary(deps: AdapterDeps): Unary {
-  const { em: rootEm, log } = deps;
+  const { em: rootEm, log, callerOf = () => undefined } = deps;
 
   return <Req, Res>(name: string, handler: UnaryHandler<Req, Res>): grpc.handleUnaryCall<Req, Res> =>
     (call, callback) => {
       const started = process.hrtime.bigint();
+      const caller = callerOf(call.metadata);
       let answered = false;
       const durationMs = () => Number(process.hrtime.bigint() - started) / 1e6;
 
@@ -48,7 +53,7 @@ export function createUnary(deps: AdapterDeps): Unary {
         if (answered) return;
         answered = true;
         callback(null, response);
-        log.info({ method: name, code: 'OK', durationMs: durationMs() }, 'rpc');
+        log.info({ method: name, code: 'OK', caller, durationMs: durationMs() }, 'rpc');
       };
 
       const fail = (err: unknown) => {
@@ -62,7 +67,7 @@ export function createUnary(deps: AdapterDeps): Unary {
           status = { code: grpc.status.INTERNAL, details: INTERNAL_MESSAGE, metadata: new grpc.Metadata(), reason: INTERNAL_REASON };
         }
         callback({ code: status.code, details: status.details, metadata: status.metadata });
-        const line = { method: name, code: grpc.status[status.code], reason: status.reason, durationMs: durationMs() };
+        const line = { method: name, code: grpc.status[status.code], reason: status.reason, caller, durationMs: durationMs() };
         if (SERVER_FAULTS.has(status.code)) log.error(line, 'rpc');
         else log.info(line, 'rpc');
       };

@@ -2,9 +2,12 @@
  * The gRPC server: the four billing services, gRPC health (NOT_SERVING until
  * the app says otherwise, and again from the start of shutdown) and server
  * reflection fed from the real descriptor set that `buf build` wrote.
+ * Optionally bearer-token authentication (./auth.ts), TLS or mutual TLS, and
+ * the transport limits from the config.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import * as tls from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
@@ -13,11 +16,13 @@ import type { EntityManager } from '@mikro-orm/knex';
 import { HealthImplementation, type ServingStatusMap } from 'grpc-health-check';
 import type { Logger } from 'pino';
 import type { Services } from '../app';
+import { ConfigError, DEFAULT_GRPC_LIMITS, type GrpcLimits, type TlsConfig } from '../config';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 import { createUnary } from './adapter';
+import { createAuthInterceptor, type Caller, type TokenTable } from './auth';
 import { createBillingHandlers } from './billing.handlers';
 import { createJobHandlers } from './job.handlers';
 import { createUserHandlers } from './user.handlers';
@@ -39,17 +44,65 @@ export interface GrpcServerDeps {
   log: Logger;
   /** The deployment's currency (ISO 4217). */
   currency: string;
+  /** Bearer tokens; absent or null: authentication off, every call is admitted. */
+  tokens?: TokenTable | null;
+  /** Transport limits (default DEFAULT_GRPC_LIMITS). */
+  limits?: Readonly<GrpcLimits>;
+  /** How bind() listens (default plaintext); see serverCredentials(). */
+  credentials?: grpc.ServerCredentials;
 }
 
-export const SERVER_OPTIONS: grpc.ServerOptions = Object.freeze({
-  'grpc.max_receive_message_length': 4 * 1024 * 1024,
-  'grpc.max_concurrent_streams': 1000,
-  'grpc.keepalive_time_ms': 2 * 60 * 60 * 1000,
-  'grpc.keepalive_permit_without_calls': 0,
-  'grpc.http2.min_ping_interval_without_data_ms': 5 * 60 * 1000,
-  'grpc.max_connection_age_ms': 30 * 60 * 1000,
-  'grpc.max_connection_age_grace_ms': 30 * 1000,
-});
+/** The grpc-js options for the limits (only options the grpc-js server honours). */
+export function serverOptions(limits: Readonly<GrpcLimits>): grpc.ServerOptions {
+  return {
+    'grpc.max_receive_message_length': limits.maxReceiveMessageBytes,
+    'grpc.max_send_message_length': limits.maxSendMessageBytes,
+    'grpc.max_concurrent_streams': limits.maxConcurrentStreams,
+    'grpc.keepalive_time_ms': limits.keepaliveTimeMs,
+    'grpc.keepalive_timeout_ms': limits.keepaliveTimeoutMs,
+    'grpc.max_connection_age_ms': limits.maxConnectionAgeMs,
+    'grpc.max_connection_age_grace_ms': limits.maxConnectionAgeGraceMs,
+  };
+}
+
+function readPem(variable: string, file: string): Buffer {
+  try {
+    return fs.readFileSync(file);
+  } catch (e) {
+    throw new ConfigError(`${variable}: cannot read ${file} (${(e as NodeJS.ErrnoException).code ?? 'unreadable'})`);
+  }
+}
+
+/**
+ * Plaintext without TLS settings; TLS with a certificate and key; mutual TLS
+ * (client certificates required and verified against the CA) when a client
+ * CA is set too. The files are read and checked now, so a wrong or mismatched
+ * file stops start-up with a ConfigError instead of failing at bind.
+ */
+export function serverCredentials(config: Readonly<TlsConfig> | null): grpc.ServerCredentials {
+  if (config === null) return grpc.ServerCredentials.createInsecure();
+  const cert = readPem('TLS_CERT_FILE', config.certFile);
+  const key = readPem('TLS_KEY_FILE', config.keyFile);
+  const ca = config.clientCaFile === null ? null : readPem('TLS_CLIENT_CA_FILE', config.clientCaFile);
+  try {
+    tls.createSecureContext({ cert, key });
+  } catch (e) {
+    throw new ConfigError(
+      `TLS_CERT_FILE/TLS_KEY_FILE: not a PEM certificate and its matching private key (${(e as Error).message})`,
+    );
+  }
+  if (ca !== null) {
+    try {
+      tls.createSecureContext({ ca });
+    } catch (e) {
+      throw new ConfigError(`TLS_CLIENT_CA_FILE: not a PEM CA certificate (${(e as Error).message})`);
+    }
+    if (!ca.toString('latin1').includes('-----BEGIN CERTIFICATE-----')) {
+      throw new ConfigError('TLS_CLIENT_CA_FILE: no PEM certificate in the file');
+    }
+  }
+  return grpc.ServerCredentials.createSsl(ca, [{ cert_chain: cert, private_key: key }], ca !== null);
+}
 
 /**
  * generated/billing.binpb, found from src/grpc/ (ts-jest) and from
@@ -107,8 +160,12 @@ function hostPort(host: string, port: number): string {
 
 export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
   const { em, services, log, currency } = deps;
-  const server = new grpc.Server(SERVER_OPTIONS);
-  const unary = createUnary({ em, log });
+  const credentials = deps.credentials ?? grpc.ServerCredentials.createInsecure();
+  // Who made each admitted call, for the adapter's log line; entries go with the call's metadata.
+  const callers = new WeakMap<grpc.Metadata, Caller>();
+  const interceptors = deps.tokens ? [createAuthInterceptor({ tokens: deps.tokens, log, callers })] : [];
+  const server = new grpc.Server({ ...serverOptions(deps.limits ?? DEFAULT_GRPC_LIMITS), interceptors });
+  const unary = createUnary({ em, log, callerOf: (metadata) => callers.get(metadata)?.name });
 
   server.addService(userPb.UserServiceService, createUserHandlers({ unary, users: services.users }));
   server.addService(walletPb.WalletServiceService, createWalletHandlers({ unary, wallets: services.wallets, currency }));
@@ -137,7 +194,7 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
   return {
     bind(host, port) {
       return new Promise<number>((resolve, reject) => {
-        server.bindAsync(hostPort(host, port), grpc.ServerCredentials.createInsecure(), (err, bound) =>
+        server.bindAsync(hostPort(host, port), credentials, (err, bound) =>
           err ? reject(err) : resolve(bound),
         );
       });

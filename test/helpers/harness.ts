@@ -1,7 +1,9 @@
 /**
  * Integration-test harness: the real app on 127.0.0.1 with a free port, a
- * temporary SQLite database and the generated gRPC clients.
+ * temporary SQLite database and the generated gRPC clients (plaintext by
+ * default; a bearer token and TLS on request, see ClientSetup).
  */
+import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -16,9 +18,22 @@ import type * as moneyPb from '../../generated/billing/v1/money';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 
+/** How the harness's clients connect. */
+export interface ClientSetup {
+  /** Sent as `authorization: Bearer <token>` on every call whose metadata does not carry its own. */
+  token?: string;
+  /** TLS: the CA that issued the server certificate, plus a client certificate and key for mutual TLS. */
+  tls?: { ca: Buffer; cert?: Buffer; key?: Buffer };
+}
+
 export interface TestApp {
   app: App;
   port: number;
+  /** `127.0.0.1:<port>`, for extra clients. */
+  address: string;
+  /** The channel credentials and client options the clients use (TLS, token), for extra clients. */
+  credentials: grpc.ChannelCredentials;
+  clientOptions: grpc.ClientOptions;
   /** The temporary directory holding the database and the usage log file. */
   dir: string;
   users: userPb.UserServiceClient;
@@ -29,7 +44,40 @@ export interface TestApp {
   stop(): Promise<void>;
 }
 
-export async function startTestApp(env: Record<string, string> = {}, opts: AppOptions = {}): Promise<TestApp> {
+/** `authorization: Bearer <token>` metadata, for a single call. */
+export function bearer(token: string): grpc.Metadata {
+  const metadata = new grpc.Metadata();
+  metadata.set('authorization', `Bearer ${token}`);
+  return metadata;
+}
+
+/** Channel credentials and client options for a ClientSetup. */
+export function clientConnection(setup: ClientSetup = {}): { credentials: grpc.ChannelCredentials; clientOptions: grpc.ClientOptions } {
+  const credentials = setup.tls
+    ? grpc.credentials.createSsl(setup.tls.ca, setup.tls.key ?? null, setup.tls.cert ?? null)
+    : grpc.credentials.createInsecure();
+  // The server certificate names localhost (and 127.0.0.1); checking it against the name rather than the
+  // IP keeps Node from warning that an IP address is no TLS server name (RFC 6066).
+  const base: grpc.ClientOptions = setup.tls ? { 'grpc.ssl_target_name_override': 'localhost' } : {};
+  const { token } = setup;
+  if (token === undefined) return { credentials, clientOptions: base };
+  // A client interceptor rather than call credentials: grpc-js sends call
+  // credentials only over TLS, and the tests also need tokens on plaintext.
+  const withToken: grpc.Interceptor = (options, nextCall) =>
+    new grpc.InterceptingCall(nextCall(options), {
+      start(metadata, listener, next) {
+        if (metadata.get('authorization').length === 0) metadata.set('authorization', `Bearer ${token}`);
+        next(metadata, listener);
+      },
+    });
+  return { credentials, clientOptions: { ...base, interceptors: [withToken] } };
+}
+
+export async function startTestApp(
+  env: Record<string, string> = {},
+  opts: AppOptions = {},
+  client: ClientSetup = {},
+): Promise<TestApp> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-test-'));
   let app: App;
   // An explicit DB_PATH or DATABASE_URL (a test reusing a database across restarts) wins.
@@ -51,11 +99,11 @@ export async function startTestApp(env: Record<string, string> = {}, opts: AppOp
     throw err;
   }
   const address = `127.0.0.1:${app.port}`;
-  const creds = grpc.credentials.createInsecure();
-  const users = new userPb.UserServiceClient(address, creds);
-  const wallets = new walletPb.WalletServiceClient(address, creds);
-  const billing = new billingPb.BillingServiceClient(address, creds);
-  const jobs = new jobPb.JobServiceClient(address, creds);
+  const { credentials, clientOptions } = clientConnection(client);
+  const users = new userPb.UserServiceClient(address, credentials, clientOptions);
+  const wallets = new walletPb.WalletServiceClient(address, credentials, clientOptions);
+  const billing = new billingPb.BillingServiceClient(address, credentials, clientOptions);
+  const jobs = new jobPb.JobServiceClient(address, credentials, clientOptions);
   let stopping: Promise<void> | undefined;
   const stop = () =>
     (stopping ??= (async () => {
@@ -67,7 +115,7 @@ export async function startTestApp(env: Record<string, string> = {}, opts: AppOp
         fs.rmSync(dir, { recursive: true, force: true });
       }
     })());
-  return { app, port: app.port, dir, users, wallets, billing, jobs, stop };
+  return { app, port: app.port, address, credentials, clientOptions, dir, users, wallets, billing, jobs, stop };
 }
 
 type Callback<Res> = (err: grpc.ServiceError | null, response: Res) => void;
@@ -137,4 +185,23 @@ export async function expectGrpcError(promise: Promise<unknown>, code: grpc.stat
 /** A USD Money message from a decimal string of units, e.g. money('1.50'). */
 export function money(units: string): moneyPb.Money {
   return microsToMoney(parseMoney(units), 'USD');
+}
+
+export const BUF = path.resolve(__dirname, '..', '..', 'node_modules', '.bin', 'buf');
+
+export interface BufResult {
+  /** buf curl's exit code: 0, or a gRPC error code shifted left by three bits. */
+  exitCode: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `buf curl <args>` (schema from server reflection) and never rejects. */
+export function bufCurl(args: string[]): Promise<BufResult> {
+  return new Promise((resolve) => {
+    execFile(BUF, ['curl', ...args], { timeout: 30_000 }, (err, stdout, stderr) => {
+      const code = err ? (err as NodeJS.ErrnoException & { code?: number | string }).code : 0;
+      resolve({ exitCode: typeof code === 'number' ? code : -1, stdout, stderr });
+    });
+  });
 }

@@ -1,4 +1,4 @@
-import { ConfigError, loadConfig } from '../../src/config';
+import { checkExposure, ConfigError, DEFAULT_GRPC_LIMITS, isLoopbackHost, loadConfig } from '../../src/config';
 
 type Env = Record<string, string | undefined>;
 
@@ -173,5 +173,162 @@ describe('loadConfig result', () => {
       if (saved === undefined) delete process.env.GRPC_PORT;
       else process.env.GRPC_PORT = saved;
     }
+  });
+});
+
+describe('loadConfig security settings', () => {
+  it('defaults to authentication off, plaintext, no insecure override', () => {
+    const c = loadConfig({});
+    expect(c.authTokensFile).toBeNull();
+    expect(c.tls).toBeNull();
+    expect(c.allowInsecure).toBe(false);
+  });
+
+  it('reads AUTH_TOKENS_FILE, trimmed, and treats a blank one as unset', () => {
+    expect(loadConfig({ AUTH_TOKENS_FILE: ' /etc/billing/tokens.json ' }).authTokensFile).toBe('/etc/billing/tokens.json');
+    expect(loadConfig({ AUTH_TOKENS_FILE: '  ' }).authTokensFile).toBeNull();
+  });
+
+  it('reads TLS certificate and key, and a client CA for mutual TLS', () => {
+    expect(loadConfig({ TLS_CERT_FILE: '/tls/server.pem', TLS_KEY_FILE: '/tls/server.key' }).tls).toEqual({
+      certFile: '/tls/server.pem',
+      keyFile: '/tls/server.key',
+      clientCaFile: null,
+    });
+    expect(
+      loadConfig({ TLS_CERT_FILE: '/tls/server.pem', TLS_KEY_FILE: '/tls/server.key', TLS_CLIENT_CA_FILE: '/tls/ca.pem' }).tls,
+    ).toEqual({ certFile: '/tls/server.pem', keyFile: '/tls/server.key', clientCaFile: '/tls/ca.pem' });
+  });
+
+  it.each([
+    ['true', true],
+    ['TRUE', true],
+    [' true ', true],
+    ['false', false],
+    ['', false],
+  ])('reads ALLOW_INSECURE=%j as %s', (raw, value) => {
+    expect(loadConfig({ ALLOW_INSECURE: raw }).allowInsecure).toBe(value);
+  });
+});
+
+describe('loadConfig transport limits', () => {
+  it('defaults to 1 MiB in, 4 MiB out, 1000 streams, 2 h keepalive with 20 s timeout, 30 min connection age + 30 s', () => {
+    expect(loadConfig({}).limits).toEqual({
+      maxReceiveMessageBytes: 1_048_576,
+      maxSendMessageBytes: 4_194_304,
+      maxConcurrentStreams: 1000,
+      keepaliveTimeMs: 7_200_000,
+      keepaliveTimeoutMs: 20_000,
+      maxConnectionAgeMs: 1_800_000,
+      maxConnectionAgeGraceMs: 30_000,
+    });
+    expect(loadConfig({}).limits).toEqual(DEFAULT_GRPC_LIMITS);
+  });
+
+  it('reads every limit from its variable', () => {
+    expect(
+      loadConfig({
+        MAX_RECEIVE_MESSAGE_BYTES: '65536',
+        MAX_SEND_MESSAGE_BYTES: '131072',
+        MAX_CONCURRENT_STREAMS: '64',
+        KEEPALIVE_TIME_MS: '60000',
+        KEEPALIVE_TIMEOUT_MS: '5000',
+        MAX_CONNECTION_AGE_MS: '600000',
+        MAX_CONNECTION_AGE_GRACE_MS: '0',
+      }).limits,
+    ).toEqual({
+      maxReceiveMessageBytes: 65536,
+      maxSendMessageBytes: 131072,
+      maxConcurrentStreams: 64,
+      keepaliveTimeMs: 60000,
+      keepaliveTimeoutMs: 5000,
+      maxConnectionAgeMs: 600000,
+      maxConnectionAgeGraceMs: 0,
+    });
+  });
+
+  it('freezes the limits', () => {
+    expect(Object.isFrozen(loadConfig({}).limits)).toBe(true);
+  });
+});
+
+describe('loadConfig rejects invalid security and limit settings with a ConfigError naming the variable', () => {
+  it.each<[string, Env]>([
+    ['TLS_KEY_FILE', { TLS_CERT_FILE: '/tls/server.pem' }],
+    ['TLS_CERT_FILE', { TLS_KEY_FILE: '/tls/server.key' }],
+    ['TLS_CERT_FILE', { TLS_CERT_FILE: '/tls/server.pem', TLS_KEY_FILE: ' ' }],
+    ['TLS_CLIENT_CA_FILE', { TLS_CLIENT_CA_FILE: '/tls/ca.pem' }],
+    ['ALLOW_INSECURE', { ALLOW_INSECURE: 'yes' }],
+    ['ALLOW_INSECURE', { ALLOW_INSECURE: '1' }],
+    ['MAX_RECEIVE_MESSAGE_BYTES', { MAX_RECEIVE_MESSAGE_BYTES: '1MiB' }],
+    ['MAX_RECEIVE_MESSAGE_BYTES', { MAX_RECEIVE_MESSAGE_BYTES: '100' }],
+    ['MAX_RECEIVE_MESSAGE_BYTES', { MAX_RECEIVE_MESSAGE_BYTES: '67108865' }],
+    ['MAX_SEND_MESSAGE_BYTES', { MAX_SEND_MESSAGE_BYTES: '1024' }],
+    ['MAX_SEND_MESSAGE_BYTES', { MAX_SEND_MESSAGE_BYTES: '-1' }],
+    ['MAX_CONCURRENT_STREAMS', { MAX_CONCURRENT_STREAMS: '0' }],
+    ['MAX_CONCURRENT_STREAMS', { MAX_CONCURRENT_STREAMS: 'many' }],
+    ['KEEPALIVE_TIME_MS', { KEEPALIVE_TIME_MS: '5' }],
+    ['KEEPALIVE_TIMEOUT_MS', { KEEPALIVE_TIMEOUT_MS: '999' }],
+    ['MAX_CONNECTION_AGE_MS', { MAX_CONNECTION_AGE_MS: '0' }],
+    ['MAX_CONNECTION_AGE_MS', { MAX_CONNECTION_AGE_MS: '2147483648' }],
+    ['MAX_CONNECTION_AGE_GRACE_MS', { MAX_CONNECTION_AGE_GRACE_MS: '1.5' }],
+  ])('%s in %j', (name, env) => {
+    expect(configErrorFor(env).message).toContain(name);
+  });
+});
+
+describe('isLoopbackHost', () => {
+  it.each(['127.0.0.1', '127.8.9.10', 'localhost', 'LocalHost', '::1', '[::1]', '0:0:0:0:0:0:0:1', '::ffff:127.0.0.1'])(
+    '%s is loopback',
+    (host) => {
+      expect(isLoopbackHost(host)).toBe(true);
+    },
+  );
+
+  it.each(['0.0.0.0', '::', '10.0.0.1', '128.0.0.1', '192.168.1.2', 'example.com', 'localhost.example.com', '::ffff:10.0.0.1', 'fe80::1%lo'])(
+    '%s is not loopback',
+    (host) => {
+      expect(isLoopbackHost(host)).toBe(false);
+    },
+  );
+});
+
+describe('checkExposure (secure by default)', () => {
+  const TLS = { TLS_CERT_FILE: '/tls/server.pem', TLS_KEY_FILE: '/tls/server.key' };
+
+  it('allows anything on a loopback address, silently', () => {
+    expect(checkExposure(loadConfig({ GRPC_HOST: '127.0.0.1' }))).toEqual([]);
+    expect(checkExposure(loadConfig({ GRPC_HOST: '::1', ALLOW_INSECURE: 'true' }))).toEqual([]);
+  });
+
+  it('refuses a non-loopback address without AUTH_TOKENS_FILE, naming GRPC_HOST, AUTH_TOKENS_FILE and ALLOW_INSECURE', () => {
+    for (const host of ['0.0.0.0', '::', '10.1.2.3', 'billing.internal']) {
+      let thrown: unknown;
+      try {
+        checkExposure(loadConfig({ GRPC_HOST: host, ...TLS }));
+      } catch (e) {
+        thrown = e;
+      }
+      expect(thrown).toBeInstanceOf(ConfigError);
+      expect((thrown as Error).message).toEqual(expect.stringContaining('GRPC_HOST'));
+      expect((thrown as Error).message).toEqual(expect.stringContaining('AUTH_TOKENS_FILE'));
+      expect((thrown as Error).message).toEqual(expect.stringContaining('ALLOW_INSECURE'));
+    }
+  });
+
+  it('starts without authentication on ALLOW_INSECURE=true, with one INSECURE warning', () => {
+    const warnings = checkExposure(loadConfig({ GRPC_HOST: '0.0.0.0', ALLOW_INSECURE: 'true' }));
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]).toMatch(/^INSECURE: authentication is OFF/);
+  });
+
+  it('warns that tokens travel in clear text on a non-loopback address without TLS', () => {
+    const warnings = checkExposure(loadConfig({ GRPC_HOST: '0.0.0.0', AUTH_TOKENS_FILE: '/t.json' }));
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]).toContain('clear text');
+  });
+
+  it('is silent with tokens and TLS on a non-loopback address', () => {
+    expect(checkExposure(loadConfig({ GRPC_HOST: '0.0.0.0', AUTH_TOKENS_FILE: '/t.json', ...TLS }))).toEqual([]);
   });
 });
