@@ -20,7 +20,14 @@ async function main(): Promise<void> {
   }
   const log = createLogger(config.logLevel);
   process.on('unhandledRejection', (err) => log.error({ err }, 'unhandled promise rejection'));
-  const app = await startApp(config, { log });
+  // Settings that need files (tokens, TLS) or a combination check are validated as the app starts.
+  const app = await startApp(config, { log }).catch((err: unknown) => {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`billing-service: invalid configuration: ${err.message}\n`);
+      process.exit(2);
+    }
+    throw err;
+  });
   let signals = 0;
   const onSignal = (signal: NodeJS.Signals) => {
     signals++;

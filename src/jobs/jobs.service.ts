@@ -107,6 +107,16 @@ export function createJobsService(deps: JobsDeps): JobsService {
       });
     },
 
+    async closeInterruptedRuns() {
+      const res = await deps.em.fork().execute<{ affectedRows: number }>(
+        `update job_runs set status = 'FAILED', ended_at = ?, error_message = ? where status = 'RUNNING'`,
+        [clock.now().getTime(), 'interrupted: the service stopped during this run (ingestion is all or nothing; records it created are charged by the retry scheduler)'],
+        'run',
+      );
+      if (res.affectedRows > 0) log.warn({ runs: res.affectedRows }, 'closed job runs interrupted by a previous stop');
+      return res.affectedRows;
+    },
+
     async listRuns(em, pageReq) {
       const page = readPage(pageReq, {});
       const rows = await em.find(JobRun, { id: { $gt: page.afterId } }, { orderBy: { id: 'asc' }, limit: page.limit });

@@ -17,5 +17,11 @@ export interface JobsService {
    * returns null and does nothing.
    */
   runForPeriod(kind: JobKind, periodKey: string): Promise<JobRun | null>;
+  /**
+   * Marks runs left RUNNING by a process that died as FAILED ("interrupted").
+   * Only for a database one process owns (SQLite): with replicas, a RUNNING
+   * run may be another replica's live one.
+   */
+  closeInterruptedRuns(): Promise<number>;
   listRuns(em: EntityManager, page: PageRequest): Promise<{ items: JobRun[]; nextPageToken: string }>;
 }

@@ -56,14 +56,18 @@ describe('the service process', () => {
     expect((await again.exit).code).toBe(0);
   });
 
-  it('refuses to start with an invalid setting and names it', async () => {
+  it.each([
+    ['an invalid value', { PRICING: '{"api-calls": 0.01}' }, 'PRICING'],
+    ['a tokens file that does not exist', { AUTH_TOKENS_FILE: '/nonexistent/tokens.json' }, 'AUTH_TOKENS_FILE'],
+    ['a public address without authentication', { GRPC_HOST: '0.0.0.0' }, 'ALLOW_INSECURE'],
+  ])('refuses to start (exit 2) with %s and names the setting', async (_what, env, name) => {
     const child = spawn(process.execPath, [MAIN], {
-      env: { PATH: process.env.PATH, GRPC_PORT: '0', DB_PATH: path.join(dir, 'b.db'), PRICING: '{"api-calls": 0.01}' },
+      env: { PATH: process.env.PATH, GRPC_PORT: '0', DB_PATH: path.join(dir, 'b.db'), ...env },
     });
     let err = '';
     child.stderr.on('data', (d) => (err += d));
     const code = await new Promise((resolve) => child.on('exit', resolve));
-    expect(code).toBe(2);
-    expect(err).toContain('PRICING');
+    expect({ code, err }).toEqual({ code: 2, err: expect.stringContaining(name) });
+    expect(fs.existsSync(path.join(dir, 'b.db'))).toBe(false); // nothing opened
   });
 });
