@@ -110,9 +110,10 @@ export interface WalletsDeps {
   clock: Clock;
   log: Logger;
   /**
-   * Called after a credit commits: charges the user's unpaid records (the
-   * billing engine's settlement). Its failure never undoes the credit; the
-   * retry scheduler or a later top-up settles instead.
+   * Called after a credit commits, and again when the credit's request_id is
+   * replayed: charges the user's unpaid records (the billing engine's
+   * settlement). Its failure never undoes the credit; the retry scheduler or a
+   * later top-up or replay settles instead.
    */
   settle?: (em: EntityManager, userId: number) => Promise<unknown>;
 }
@@ -185,7 +186,9 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
           replayed: false,
         };
       });
-      if (!result.replayed && settle) {
+      // Settle on a replay too: the first call may have died between the credit's commit and its settlement, and
+      // settling twice is harmless (each record is charged at most once).
+      if (settle) {
         await settle(em, userId).catch((err: unknown) => log.error({ err, userId }, 'settling after AddFunds failed'));
       }
       return result;

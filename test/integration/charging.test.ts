@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import { call, expectGrpcError, money, startTestApp, type TestApp } from '../helpers/harness';
+import { requestHash } from '../../src/db/idempotency';
 import { FakeClock } from '../helpers/fake-clock';
 import { entry, writeNdjson } from '../helpers/usage';
 
@@ -237,6 +238,27 @@ describe('retries, suspension and settlement (injected clock)', () => {
     const { user } = await call(t.users, 'getUser', { id: userId });
     expect([user!.status, user!.suspensionReason]).toEqual([userPb.UserStatus.USER_STATUS_ACTIVE, '']);
     expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('0.000000');
+    await ledgerMatches(t);
+  });
+
+  it('a replayed AddFunds settles what the first call, cut off after its commit, did not', async () => {
+    clock = new FakeClock();
+    t = await startTestApp({ MAX_RETRIES: '0' }, { clock, scheduler: false });
+    const userId = await newUser(t, '0');
+    const failed = (await createRecord(t, userId, '3')).billingRecord!;
+    expect(failed.status).toBe(R.BILLING_RECORD_STATUS_FAILED);
+    // The first AddFunds committed its credit and request_id, then the process died before settling.
+    await creditWithoutSettling(t, userId, 5_000_000n);
+    const [credit] = await t.app.orm.em.fork().execute<{ id: number }[]>(`select max(id) as id from wallet_transactions`);
+    await t.app.orm.em.fork().execute(
+      `insert into idempotency_keys (scope, request_id, request_hash, resource_id, created_at) values ('AddFunds', 'cut-1', ?, ?, 0)`,
+      [requestHash({ userId: Number(userId), amount: 5_000_000n }), Number(credit.id)],
+    );
+    const replay = await call(t.wallets, 'addFunds', { userId, amount: money('5'), requestId: 'cut-1' });
+    expect(replay.transaction!.id).toBe(BigInt(credit.id)); // the first response, no second credit
+    expect((await record(failed.id)).status).toBe(R.BILLING_RECORD_STATUS_PAID);
+    expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('2.000000');
+    expect((await call(t.users, 'getUser', { id: userId })).user!.status).toBe(userPb.UserStatus.USER_STATUS_ACTIVE);
     await ledgerMatches(t);
   });
 
