@@ -63,6 +63,13 @@ export interface OpenOrmOptions {
 }
 
 export async function openOrm(db: DatabaseConfig, log: Logger, opts: OpenOrmOptions = {}): Promise<Orm> {
+  // knex logs its own warnings (a dropped pooled connection, say) with console.log; route them to pino.
+  const knexLog = {
+    warn: (message: unknown) => log.warn({ component: 'knex' }, String(message)),
+    error: (message: unknown) => log.error({ component: 'knex' }, String(message)),
+    deprecate: (message: unknown) => log.debug({ component: 'knex' }, String(message)),
+    debug: (message: unknown) => log.debug({ component: 'knex' }, String(message)),
+  };
   const common = {
     // MikroORM creates a missing database on init unless told not to.
     ensureDatabase: opts.migrate !== false,
@@ -81,6 +88,7 @@ export async function openOrm(db: DatabaseConfig, log: Logger, opts: OpenOrmOpti
       defineSqlite({
         ...common,
         dbName: db.path,
+        driverOptions: { log: knexLog },
         pool: {
           min: 1,
           max: 1,
@@ -97,7 +105,7 @@ export async function openOrm(db: DatabaseConfig, log: Logger, opts: OpenOrmOpti
         clientUrl: db.url,
         pool: { min: 1, max: 10 },
         // int8 ids and counts as JS numbers (they stay far below 2^53); money is always read as text.
-        driverOptions: { connection: { types: { getTypeParser: pgTypeParser } } },
+        driverOptions: { connection: { types: { getTypeParser: pgTypeParser } }, log: knexLog },
       }),
     );
   }
