@@ -54,12 +54,26 @@ export function startServiceProcess(env: Record<string, string>, timeoutMs = 30_
   );
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`service did not start within ${timeoutMs} ms:\n${out}`)), timeoutMs);
-    const onData = () => {
-      const ready = out.split('\n').find((line) => line.includes('"billing-service ready"'));
-      if (!ready) return;
+    // The ready line is looked for in stdout alone and only among complete lines, so that a chunk boundary
+    // or stderr output in between never hands a partial line to JSON.parse.
+    let stdout = '';
+    const readyPort = (line: string): number | undefined => {
+      if (!line.includes('"billing-service ready"')) return undefined;
+      try {
+        const port: unknown = JSON.parse(line).port;
+        return typeof port === 'number' ? port : undefined;
+      } catch {
+        return undefined;
+      }
+    };
+    const onData = (d: Buffer) => {
+      stdout += d;
+      const lines = stdout.split('\n');
+      stdout = lines.pop()!; // the unfinished last line, if any
+      const port = lines.map(readyPort).find((p) => p !== undefined);
+      if (port === undefined) return;
       clearTimeout(timer);
       child.stdout!.off('data', onData);
-      const port = JSON.parse(ready).port as number;
       const address = `127.0.0.1:${port}`;
       const creds = grpc.credentials.createInsecure();
       const clients = {

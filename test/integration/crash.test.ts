@@ -8,7 +8,6 @@
  * Seeds: CRASH_SEEDS=1234,99 npx jest test/integration/crash.test.ts
  * Every assertion carries the seed and the kill moment so a failure reproduces.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -16,15 +15,13 @@ import * as grpc from '@grpc/grpc-js';
 import pino from 'pino';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
-import * as userPb from '../../generated/billing/v1/user_service';
-import * as walletPb from '../../generated/billing/v1/wallet_service';
 import type { DatabaseConfig } from '../../src/config';
 import { openOrm } from '../../src/db/orm';
 import { checkInvariants } from '../../src/ops/invariants';
 import { createTestDatabase, type TestDatabase } from '../helpers/database';
 import { call, money } from '../helpers/harness';
+import { killServiceProcesses, startServiceProcess, type ServiceProcess } from '../helpers/service-process';
 
-const MAIN = path.resolve(__dirname, '../../dist/src/main.js');
 const DEFAULT_SEEDS = [11, 23, 37, 41, 59, 73];
 const SEEDS = process.env.CRASH_SEEDS
   ? process.env.CRASH_SEEDS.split(',').map((s) => Number(s.trim()))
@@ -40,64 +37,6 @@ function mulberry32(seed: number): () => number {
     x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
     return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
   };
-}
-
-interface Service {
-  child: ChildProcess;
-  port: number;
-  exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  /** The last lines the process wrote, for failure messages. */
-  tail(): string;
-  users: userPb.UserServiceClient;
-  wallets: walletPb.WalletServiceClient;
-  billing: billingPb.BillingServiceClient;
-  jobs: jobPb.JobServiceClient;
-  close(): void;
-}
-
-function startService(env: Record<string, string>): Promise<Service> {
-  const child = spawn(process.execPath, [MAIN], { env: { PATH: process.env.PATH, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  const keep = (d: Buffer) => {
-    out = (out + d.toString()).slice(-20_000);
-  };
-  child.stdout!.on('data', keep);
-  child.stderr!.on('data', keep);
-  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
-    child.on('exit', (code, signal) => resolve({ code, signal })),
-  );
-  return new Promise((resolve, reject) => {
-    let buffered = '';
-    const timer = setTimeout(() => reject(new Error(`service did not start:\n${out}`)), 30_000);
-    const onData = (d: Buffer) => {
-      buffered += d.toString();
-      const line = buffered.split('\n').find((l) => l.includes('billing-service ready'));
-      if (!line) return;
-      clearTimeout(timer);
-      child.stdout!.off('data', onData);
-      const address = `127.0.0.1:${JSON.parse(line).port}`;
-      const creds = grpc.credentials.createInsecure();
-      const clients = {
-        users: new userPb.UserServiceClient(address, creds),
-        wallets: new walletPb.WalletServiceClient(address, creds),
-        billing: new billingPb.BillingServiceClient(address, creds),
-        jobs: new jobPb.JobServiceClient(address, creds),
-      };
-      resolve({
-        child,
-        port: JSON.parse(line).port,
-        exit,
-        tail: () => out.slice(-4000),
-        ...clients,
-        close: () => Object.values(clients).forEach((c) => c.close()),
-      });
-    };
-    child.stdout!.on('data', onData);
-    void exit.then(({ code, signal }) => {
-      clearTimeout(timer);
-      reject(new Error(`service exited (${code ?? signal}) before it was ready:\n${out}`));
-    });
-  });
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -170,7 +109,7 @@ type Outcome = { ok: true; value: string } | { ok: false; code: grpc.status | 'N
 describe('SIGKILL at a seeded moment, restart, finish: nothing lost, nothing twice', () => {
   let dir: string;
   let db: TestDatabase;
-  const running: Service[] = [];
+  const running: ServiceProcess[] = [];
 
   beforeEach(async () => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-crash-'));
@@ -178,13 +117,8 @@ describe('SIGKILL at a seeded moment, restart, finish: nothing lost, nothing twi
   });
 
   afterEach(async () => {
-    for (const s of running.splice(0)) {
-      s.close();
-      if (s.child.exitCode === null && s.child.signalCode === null) {
-        s.child.kill('SIGKILL');
-        await s.exit;
-      }
-    }
+    for (const s of running.splice(0)) s.close();
+    await killServiceProcesses();
     await db.drop();
     fs.rmSync(dir, { recursive: true, force: true });
   });
@@ -204,7 +138,7 @@ describe('SIGKILL at a seeded moment, restart, finish: nothing lost, nothing twi
     };
 
     // ---- set-up: users and opening balances, all acknowledged ----------------
-    let svc = await startService(env);
+    let svc = await startServiceProcess(env);
     running.push(svc);
     const userIds: number[] = [];
     const credits = new Map<string, { userId: number; amount: bigint }>();
@@ -323,7 +257,7 @@ describe('SIGKILL at a seeded moment, restart, finish: nothing lost, nothing twi
     svc.close();
 
     // ---- restart on the same database and finish everything --------------------
-    svc = await startService(env);
+    svc = await startServiceProcess(env);
     running.push(svc);
     appendPartB();
     // Every unanswered call is retried with its request_id; a few answered ones are replayed too (chosen in plan order).

@@ -4,7 +4,6 @@
  * Each change is committed entirely or not at all, a retry with the same
  * request_id returns the committed result, and the invariant checker passes.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -13,16 +12,14 @@ import { Client } from 'pg';
 import pino from 'pino';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
-import * as userPb from '../../generated/billing/v1/user_service';
-import * as walletPb from '../../generated/billing/v1/wallet_service';
 import type { DatabaseConfig } from '../../src/config';
 import { openOrm, type Orm } from '../../src/db/orm';
 import { checkInvariants } from '../../src/ops/invariants';
 import { createTestDatabase, onPostgres, type TestDatabase } from '../helpers/database';
 import { call, expectGrpcError, money, startTestApp, type TestApp } from '../helpers/harness';
+import { killServiceProcesses, startServiceProcess, type ServiceProcess } from '../helpers/service-process';
 import { writeNdjson } from '../helpers/usage';
 
-const MAIN = path.resolve(__dirname, '../../dist/src/main.js');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const micros = (m?: { units: bigint; nanos: number }) => m!.units * 1_000_000n + BigInt(m!.nanos / 1000);
 const codeOf = (err: unknown) => grpc.status[(err as grpc.ServiceError).code];
@@ -275,53 +272,10 @@ describe('when the database is locked or drops its connections', () => {
   );
 });
 
-interface Service {
-  child: ChildProcess;
-  exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  wallets: walletPb.WalletServiceClient;
-  users: userPb.UserServiceClient;
-  billing: billingPb.BillingServiceClient;
-  close(): void;
-}
-
-function startService(env: Record<string, string>): Promise<Service> {
-  const child = spawn(process.execPath, [MAIN], { env: { PATH: process.env.PATH, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  child.stdout!.on('data', (d) => (out = (out + d).slice(-20_000)));
-  child.stderr!.on('data', (d) => (out = (out + d).slice(-20_000)));
-  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
-    child.on('exit', (code, signal) => resolve({ code, signal })),
-  );
-  return new Promise((resolve, reject) => {
-    let buffered = '';
-    const timer = setTimeout(() => reject(new Error(`service did not start:\n${out}`)), 30_000);
-    const onData = (d: Buffer) => {
-      buffered += d.toString();
-      const line = buffered.split('\n').find((l) => l.includes('billing-service ready'));
-      if (!line) return;
-      clearTimeout(timer);
-      child.stdout!.off('data', onData);
-      const address = `127.0.0.1:${JSON.parse(line).port}`;
-      const creds = grpc.credentials.createInsecure();
-      const clients = {
-        users: new userPb.UserServiceClient(address, creds),
-        wallets: new walletPb.WalletServiceClient(address, creds),
-        billing: new billingPb.BillingServiceClient(address, creds),
-      };
-      resolve({ child, exit, ...clients, close: () => Object.values(clients).forEach((c) => c.close()) });
-    };
-    child.stdout!.on('data', onData);
-    void exit.then(({ code, signal }) => {
-      clearTimeout(timer);
-      reject(new Error(`service exited (${code ?? signal}) before it was ready:\n${out}`));
-    });
-  });
-}
-
 describe('SIGTERM under load', () => {
   let dir: string;
   let db: TestDatabase;
-  const started: Service[] = [];
+  const started: ServiceProcess[] = [];
 
   beforeEach(async () => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-term-'));
@@ -329,41 +283,36 @@ describe('SIGTERM under load', () => {
   });
 
   afterEach(async () => {
-    for (const s of started.splice(0)) {
-      s.close();
-      if (s.child.exitCode === null && s.child.signalCode === null) {
-        s.child.kill('SIGKILL');
-        await s.exit;
-      }
-    }
+    for (const s of started.splice(0)) s.close();
+    await killServiceProcesses();
     await db.drop();
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
   it('with ~200 calls in flight every call completes or fails cleanly, the process exits 0, and retries credit once', async () => {
     const env = { GRPC_PORT: '0', ...db.env, INGEST_CRON: 'off', LOG_LEVEL: 'info', LOG_FILE_PATH: path.join(dir, 'none.json') };
-    let svc = await startService(env);
+    let svc = await startServiceProcess(env);
     started.push(svc);
     const userIds: bigint[] = [];
     for (let u = 0; u < 20; u++) {
       const { user } = await call(svc.users, 'createUser', { email: `t${u}@example.com`, name: 'T', requestId: `u${u}` });
       userIds.push(user!.id);
     }
-    type Planned = { requestId: string; send: (s: Service) => Promise<string> };
+    type Planned = { requestId: string; send: (s: ServiceProcess) => Promise<string> };
     const plan: Planned[] = Array.from({ length: 200 }, (_, i) => {
       const userId = userIds[i % userIds.length];
       const requestId = `load-${i}`;
       return i % 5 < 3
         ? {
             requestId,
-            send: (s: Service) =>
+            send: (s: ServiceProcess) =>
               call(s.wallets, 'addFunds', { userId, amount: money(`${(i % 7) + 1}`), requestId }, { deadlineMs: 60_000 }).then((r) =>
                 String(r.transaction!.id),
               ),
           }
         : {
             requestId,
-            send: (s: Service) =>
+            send: (s: ServiceProcess) =>
               call(
                 s.billing,
                 'createBillingRecord',
@@ -394,7 +343,7 @@ describe('SIGTERM under load', () => {
     expect(results.some((r) => r.code === 'OK')).toBe(true);
 
     // Restart and retry what failed; replay what succeeded: one credit or record per request_id, same answer.
-    svc = await startService(env);
+    svc = await startServiceProcess(env);
     started.push(svc);
     for (const [i, p] of plan.entries()) {
       const again = await p.send(svc);
