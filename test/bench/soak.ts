@@ -28,6 +28,7 @@ import * as walletPb from '../../generated/billing/v1/wallet_service';
 import type { DatabaseConfig } from '../../src/config';
 import { openOrm } from '../../src/db/orm';
 import { checkInvariants } from '../../src/ops/invariants';
+import { mulberry32 } from '../helpers/prng';
 
 const MAIN = path.resolve(__dirname, '../../src/main.js');
 const SERVICES = ['api-calls', 'storage', 'bandwidth', 'compute'];
@@ -73,17 +74,6 @@ const out = (line = '') => process.stdout.write(line + '\n');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const mb = (kb: number) => `${(kb / 1024).toFixed(1)} MB`;
 
-/** mulberry32, so a soak's traffic mix is the same run after run. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const usd = (units: number, cents = 0): moneyPb.Money => ({ currencyCode: 'USD', units: BigInt(units), nanos: cents * 10_000_000 });
 
@@ -265,7 +255,7 @@ async function soak(opts: Options): Promise<number> {
   const db = await database(opts.db, dir);
   const usageFile = path.join(dir, 'usage.ndjson');
   fs.writeFileSync(usageFile, '');
-  const rand = prng(20261124);
+  const rand = mulberry32(20261124);
   const pick = <T>(xs: readonly T[]) => xs[Math.floor(rand() * xs.length)];
   let failed = false;
   let svc: Service | undefined;

@@ -5,6 +5,7 @@ import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import { call, expectGrpcError, money, startTestApp, type TestApp } from '../helpers/harness';
 import { requestHash } from '../../src/db/idempotency';
+import { checkInvariants } from '../../src/ops/invariants';
 import { FakeClock } from '../helpers/fake-clock';
 import { entry, writeNdjson } from '../helpers/usage';
 
@@ -35,14 +36,9 @@ async function creditWithoutSettling(t: TestApp, userId: bigint, micros: bigint)
   });
 }
 
-/** balance == credits - debits, read straight from the database. */
-async function ledgerMatches(t: TestApp): Promise<void> {
-  const rows = await t.app.orm.em.fork().execute<{ user_id: number; balance: string; ledger: string }[]>(
-    `select w.user_id, cast(w.balance as text) as balance,
-            cast(coalesce((select sum(case when type = 'CREDIT' then amount else -amount end) from wallet_transactions t where t.user_id = w.user_id), 0) as text) as ledger
-     from wallets w`,
-  );
-  for (const r of rows) expect({ user: r.user_id, balance: r.balance }).toEqual({ user: r.user_id, balance: r.ledger });
+/** Every money invariant holds (balances equal ledgers, one debit per PAID record, ...): src/ops/invariants.ts. */
+async function invariantsHold(t: TestApp): Promise<void> {
+  expect((await checkInvariants(t.app.orm.em)).violations).toEqual([]);
 }
 
 describe('charging', () => {
@@ -60,7 +56,7 @@ describe('charging', () => {
     const { transactions } = await call(t.wallets, 'listWalletTransactions', { userId, pageSize: 0, pageToken: '' });
     const debits = transactions.filter((x) => x.billingRecordId === res.billingRecord!.id);
     expect(debits.map((d) => [amountOf(d.amount), amountOf(d.balanceAfter)])).toEqual([['2.500000', '7.500000']]);
-    await ledgerMatches(t);
+    await invariantsHold(t);
   });
 
   it('CreateBillingRecord rejects bad input with the right codes', async () => {
@@ -141,7 +137,7 @@ describe('charging', () => {
     const debits = await t.app.orm.em.fork().execute<{ n: number }[]>(`select count(*) as n from wallet_transactions where type = 'DEBIT'`);
     expect(Number(debits[0].n)).toBe(20);
     expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('0.000000');
-    await ledgerMatches(t);
+    await invariantsHold(t);
   });
 });
 
@@ -238,7 +234,7 @@ describe('retries, suspension and settlement (injected clock)', () => {
     const { user } = await call(t.users, 'getUser', { id: userId });
     expect([user!.status, user!.suspensionReason]).toEqual([userPb.UserStatus.USER_STATUS_ACTIVE, '']);
     expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('0.000000');
-    await ledgerMatches(t);
+    await invariantsHold(t);
   });
 
   it('a replayed AddFunds settles what the first call, cut off after its commit, did not', async () => {
@@ -259,7 +255,7 @@ describe('retries, suspension and settlement (injected clock)', () => {
     expect((await record(failed.id)).status).toBe(R.BILLING_RECORD_STATUS_PAID);
     expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('2.000000');
     expect((await call(t.users, 'getUser', { id: userId })).user!.status).toBe(userPb.UserStatus.USER_STATUS_ACTIVE);
-    await ledgerMatches(t);
+    await invariantsHold(t);
   });
 
   it('a manual suspension is not lifted by settlement', async () => {

@@ -21,23 +21,13 @@ import { checkInvariants } from '../../src/ops/invariants';
 import { createTestDatabase, type TestDatabase } from '../helpers/database';
 import { call, money } from '../helpers/harness';
 import { killServiceProcesses, startServiceProcess, type ServiceProcess } from '../helpers/service-process';
+import { mulberry32 } from '../helpers/prng';
 
 const DEFAULT_SEEDS = [11, 23, 37, 41, 59, 73];
 const SEEDS = process.env.CRASH_SEEDS
   ? process.env.CRASH_SEEDS.split(',').map((s) => Number(s.trim()))
   : DEFAULT_SEEDS;
 
-/** mulberry32: a small deterministic PRNG, uniform in [0, 1). */
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const micros = (m?: { units: bigint; nanos: number }) => m!.units * 1_000_000n + BigInt(m!.nanos / 1000);
