@@ -10,6 +10,7 @@ import type { Logger } from 'pino';
 import { checkRequestId, findIdempotent, requestHash, saveIdempotent } from '../db/idempotency';
 import { isUniqueViolation } from '../db/errors';
 import { isPostgres } from '../db/platform';
+import { rawRead, rawSql, type RawSql } from '../db/raw';
 import { epochMs, int64 } from '../db/types';
 import type { Clock } from '../shared/clock';
 import { invalidArgument, notFound } from '../shared/errors';
@@ -45,10 +46,32 @@ type RecordRow = {
   next_attempt_at: number | string | null;
 };
 
+type ViewRow = {
+  id: number | string;
+  user_id: number | string;
+  kind: BillingRecord['kind'];
+  amount: string;
+  status: BillingRecordStatus;
+  description: string;
+  attempt_count: number | string;
+  next_attempt_at: number | string | null;
+  failure_reason: string;
+  job_run_id: number | string | null;
+  created_at: number | string;
+  updated_at: number | string;
+  paid_at: number | string | null;
+};
+
 /** The record changed under us between read and write; read again. */
 class StaleRecord extends Error {}
 
 const MAX_DESCRIPTION = 500;
+/** Records charged per transaction by the batched path (3 parameters per record in its largest statement: 15,000). */
+const BATCH = 5000;
+/** Ledger rows per multi-row INSERT (5 parameters each). */
+const LEDGER_ROWS = 1000;
+
+type BatchResult = { counts: RetryCounts; outcomes: Record<ChargeOutcome, number[]>; retryAt: Date | null };
 export const INSUFFICIENT_FUNDS = 'INSUFFICIENT_FUNDS';
 
 const emptyRetryCounts = (): RetryCounts => ({ chargesSucceeded: 0, retriesScheduled: 0, recordsFailed: 0, usersSuspended: 0 });
@@ -63,10 +86,47 @@ function tally(counts: RetryCounts, r: { outcome: ChargeOutcome | 'SKIPPED'; use
 export function createBillingService(deps: BillingDeps): BillingService {
   const { clock, log } = deps;
 
+  /** A record and its lines as committed now (two prepared reads; no unit of work involved). */
   async function view(em: EntityManager, id: number): Promise<RecordView> {
-    const record = await em.findOne(BillingRecord, id, { refresh: true });
-    if (!record) throw notFound('BILLING_RECORD_NOT_FOUND', `billing record ${id} not found`);
-    const lineItems = await em.find(LineItem, { billingRecordId: id }, { orderBy: { id: 'asc' } });
+    const rows = await rawRead<ViewRow>(
+      em,
+      `select id, user_id, kind, cast(amount as text) as amount, status, description, attempt_count, next_attempt_at,
+              failure_reason, job_run_id, created_at, updated_at, paid_at
+       from billing_records where id = ?`,
+      [id],
+    );
+    if (rows.length === 0) throw notFound('BILLING_RECORD_NOT_FOUND', `billing record ${id} not found`);
+    const r = rows[0];
+    const record = new BillingRecord();
+    record.id = Number(r.id);
+    record.userId = Number(r.user_id);
+    record.kind = r.kind;
+    record.amount = int64(r.amount);
+    record.status = r.status;
+    record.description = r.description;
+    record.attemptCount = Number(r.attempt_count);
+    record.nextAttemptAt = r.next_attempt_at === null ? null : epochMs(r.next_attempt_at);
+    record.failureReason = r.failure_reason;
+    record.jobRunId = r.job_run_id === null ? null : Number(r.job_run_id);
+    record.createdAt = epochMs(r.created_at);
+    record.updatedAt = epochMs(r.updated_at);
+    record.paidAt = r.paid_at === null ? null : epochMs(r.paid_at);
+    const lines = await rawRead<{ id: number | string; service: string; quantity: string; unit_price: string; amount: string }>(
+      em,
+      `select id, service, cast(quantity as text) as quantity, cast(unit_price as text) as unit_price, cast(amount as text) as amount
+       from line_items where billing_record_id = ? order by id`,
+      [id],
+    );
+    const lineItems = lines.map((l) => {
+      const item = new LineItem();
+      item.id = Number(l.id);
+      item.billingRecordId = record.id;
+      item.service = l.service;
+      item.quantity = int64(l.quantity);
+      item.unitPrice = int64(l.unit_price);
+      item.amount = int64(l.amount);
+      return item;
+    });
     return { record, lineItems };
   }
 
@@ -192,6 +252,191 @@ export function createBillingService(deps: BillingDeps): BillingService {
     return counts;
   }
 
+  /**
+   * The first attempt of new records, or the due retries, `BATCH` records per
+   * transaction: the same rules as `attempt`, applied record by record in the
+   * given order in memory, then written with a few set-based statements (one
+   * commit instead of one per record). Every write stays guarded: the debit is
+   * the conditional UPDATE per wallet, the ledger's unique index allows one
+   * DEBIT per record, and each record moves only from the state it was read
+   * in. If any guard does not hold (another charger got there first), the
+   * batch rolls back and its records go through `charge` one by one.
+   */
+  async function chargeBatched(em: EntityManager, ids: readonly number[], mode: 'new' | 'retry'): Promise<RetryCounts> {
+    const counts = emptyRetryCounts();
+    for (let i = 0; i < ids.length; i += BATCH) {
+      const chunk = ids.slice(i, i + BATCH);
+      let result: BatchResult;
+      try {
+        result = await em.transactional((tx) => attemptBatch(tx, chunk, mode));
+      } catch (err) {
+        if (!(err instanceof StaleRecord || isUniqueViolation(err))) throw err;
+        log.info({ records: chunk.length, mode }, 'batch charge met a concurrent change; charging one by one');
+        const one = await chargeMany(em, chunk, mode);
+        for (const k of Object.keys(one) as (keyof RetryCounts)[]) counts[k] += one[k];
+        continue;
+      }
+      for (const k of Object.keys(result.counts) as (keyof RetryCounts)[]) counts[k] += result.counts[k];
+      if (result.retryAt) deps.onRetryScheduled?.(result.retryAt);
+      for (const [outcome, list] of Object.entries(result.outcomes)) {
+        for (const id of list) log.debug({ billingRecordId: id, mode, outcome }, 'charge attempt');
+      }
+      log.info({ mode, records: chunk.length, ...result.counts }, 'charge attempts (batch)');
+    }
+    return counts;
+  }
+
+  async function attemptBatch(tx: EntityManager, ids: readonly number[], mode: 'new' | 'retry'): Promise<BatchResult> {
+    const sql = await rawSql(tx);
+    try {
+      return await attemptBatchWith(tx, sql, ids, mode);
+    } finally {
+      await sql.close();
+    }
+  }
+
+  async function attemptBatchWith(tx: EntityManager, sql: RawSql, ids: readonly number[], mode: 'new' | 'retry'): Promise<BatchResult> {
+    const now = clock.now();
+    const at = now.getTime();
+    const pg = isPostgres(tx);
+    const counts = emptyRetryCounts();
+    const outcomes: Record<ChargeOutcome, number[]> = { CHARGED: [], ALREADY_PAID: [], RETRY_SCHEDULED: [], FAILED: [] };
+    const due = mode === 'retry' ? ` and status = 'PENDING' and next_attempt_at <= ${at}` : '';
+    // PostgreSQL: lock the records (id order), then the wallets (user order), as `attempt` does one at a time.
+    const lock = pg ? (mode === 'retry' ? ' for update skip locked' : ' for update') : '';
+    const read = await sql.all<RecordRow>(
+      `select id, user_id, cast(amount as text) as amount, status, attempt_count, next_attempt_at
+       from billing_records where id in (${ids.map(() => '?').join(', ')})${due} order by id${lock}`,
+      [...ids],
+    );
+    const byId = new Map(read.map((r) => [Number(r.id), r]));
+    const rows: RecordRow[] = [];
+    for (const id of ids) {
+      const row = byId.get(id);
+      if (!row) continue; // retry: no longer due, or another replica holds it
+      if (row.status === 'PAID') outcomes.ALREADY_PAID.push(id);
+      else if (row.status !== 'PENDING' || (mode === 'new' && Number(row.attempt_count) > 0)) continue;
+      else rows.push(row);
+    }
+    if (rows.length === 0) return { counts, outcomes, retryAt: null };
+
+    const userIds = [...new Set(rows.map((r) => Number(r.user_id)))].sort((a, b) => a - b);
+    const wallets = await sql.all<{ user_id: number | string; balance: string }>(
+      `select user_id, cast(balance as text) as balance from wallets where user_id in (${userIds.map(() => '?').join(', ')})
+       order by user_id${pg ? ' for update' : ''}`,
+      userIds,
+    );
+    const balance = new Map(wallets.map((w) => [Number(w.user_id), int64(w.balance)]));
+    const debited = new Map<number, bigint>();
+
+    const paid: RecordRow[] = [];
+    const ledger: unknown[][] = [];
+    const scheduled: { row: RecordRow; next: number }[] = [];
+    const failed: RecordRow[] = [];
+    let retryAt: number | null = null;
+    for (const row of rows) {
+      const userId = Number(row.user_id);
+      const amount = int64(row.amount);
+      const attempts = Number(row.attempt_count) + 1;
+      const have = balance.get(userId);
+      if (amount === 0n) {
+        paid.push(row);
+      } else if (have !== undefined && have >= amount) {
+        balance.set(userId, have - amount);
+        debited.set(userId, (debited.get(userId) ?? 0n) + amount);
+        paid.push(row);
+        ledger.push([userId, amount.toString(), (have - amount).toString(), Number(row.id), at]);
+      } else {
+        const delay = nextAttemptDelayMs(deps, attempts);
+        if (delay === null) {
+          failed.push(row);
+        } else {
+          scheduled.push({ row, next: at + delay });
+          retryAt = retryAt === null ? at + delay : Math.min(retryAt, at + delay);
+        }
+      }
+    }
+
+    if (debited.size > 0) {
+      const users = [...debited.keys()];
+      const updated = await sql.all<{ user_id: number | string; balance: string }>(
+        `update wallets set balance = wallets.balance - v.amount, updated_at = ?
+         from (select column1 as user_id, column2 as amount from (values ${users.map(() => '(cast(? as bigint), cast(? as bigint))').join(', ')}) as t) as v
+         where wallets.user_id = v.user_id and wallets.balance >= v.amount
+         returning wallets.user_id, cast(wallets.balance as text) as balance`,
+        [at, ...users.flatMap((u) => [u, debited.get(u)!.toString()])],
+      );
+      // Each wallet must end exactly where the in-memory replay says, else the balance moved under us.
+      const ok = updated.length === users.length && updated.every((w) => int64(w.balance) === balance.get(Number(w.user_id)));
+      if (!ok) throw new StaleRecord();
+      for (let i = 0; i < ledger.length; i += LEDGER_ROWS) {
+        const part = ledger.slice(i, i + LEDGER_ROWS);
+        await sql.run(
+          `insert into wallet_transactions (user_id, type, amount, balance_after, billing_record_id, request_id, created_at)
+           values ${part.map(() => `(?, 'DEBIT', cast(? as bigint), cast(? as bigint), ?, null, ?)`).join(', ')}`,
+          part.flat(),
+        );
+      }
+    }
+    const moved = async (set: string, setParams: unknown[], list: { row: RecordRow; extra: unknown[] }[], extraCols: string[]) => {
+      if (list.length === 0) return;
+      const cols = ['id', 'attempt_count', ...extraCols];
+      const changed = await sql.run(
+        `update billing_records set ${set}
+         from (select ${cols.map((c, i) => `column${i + 1} as ${c}`).join(', ')} from (values ${list
+           .map(() => `(${cols.map(() => 'cast(? as bigint)').join(', ')})`)
+           .join(', ')}) as t) as v
+         where billing_records.id = v.id and billing_records.status = 'PENDING' and billing_records.attempt_count = v.attempt_count`,
+        [...setParams, ...list.flatMap(({ row, extra }) => [Number(row.id), Number(row.attempt_count), ...extra])],
+      );
+      if (changed !== list.length) throw new StaleRecord();
+    };
+    await moved(
+      `status = 'PAID', paid_at = ?, updated_at = ?, attempt_count = v.attempt_count + 1, next_attempt_at = null, failure_reason = ''`,
+      [at, at],
+      paid.map((row) => ({ row, extra: [] })),
+      [],
+    );
+    await moved(
+      `attempt_count = v.attempt_count + 1, next_attempt_at = v.next_attempt_at, failure_reason = ?, updated_at = ?`,
+      [INSUFFICIENT_FUNDS, at],
+      scheduled.map(({ row, next }) => ({ row, extra: [next] })),
+      ['next_attempt_at'],
+    );
+    for (const row of failed) {
+      const attempts = Number(row.attempt_count) + 1;
+      await updateRecord(tx, row, `status = 'FAILED', attempt_count = ?, next_attempt_at = null, failure_reason = ?, updated_at = ?`, [
+        attempts,
+        INSUFFICIENT_FUNDS,
+        at,
+      ]);
+      const suspended = await tx.execute<{ affectedRows: number }>(
+        `update users set status = 'SUSPENDED', suspension_reason = ?, suspended_for_non_payment = ?, updated_at = ?
+         where id = ? and status = 'ACTIVE'`,
+        [`non-payment: billing record ${row.id} failed after ${attempts} attempts`, true, at, Number(row.user_id)],
+        'run',
+      );
+      if (suspended.affectedRows === 1) counts.usersSuspended++;
+    }
+    if (paid.length > 0) {
+      // Users suspended for non-payment with nothing unpaid left are active again (as after each charge in `attempt`).
+      const paidUsers = [...new Set(paid.map((r) => Number(r.user_id)))];
+      await sql.run(
+        `update users set status = 'ACTIVE', suspension_reason = '', suspended_for_non_payment = ?, updated_at = ?
+         where id in (${paidUsers.map(() => '?').join(', ')}) and status = 'SUSPENDED' and suspended_for_non_payment = ?
+           and not exists (select 1 from billing_records b where b.user_id = users.id and b.status <> 'PAID')`,
+        [false, at, ...paidUsers, true],
+      );
+    }
+    counts.chargesSucceeded = paid.length;
+    counts.retriesScheduled = scheduled.length;
+    counts.recordsFailed = failed.length;
+    outcomes.CHARGED = paid.map((r) => Number(r.id));
+    outcomes.RETRY_SCHEDULED = scheduled.map(({ row }) => Number(row.id));
+    outcomes.FAILED = failed.map((r) => Number(r.id));
+    return { counts, outcomes, retryAt: retryAt === null ? null : new Date(retryAt) };
+  }
+
   return {
     async createManualRecord(em, input) {
       if (input.amount <= 0n) throw invalidArgument('amount', 'NON_POSITIVE_AMOUNT', 'amount must be greater than zero');
@@ -253,7 +498,12 @@ export function createBillingService(deps: BillingDeps): BillingService {
       return { items: items.map((record) => ({ record, lineItems: byRecord.get(record.id) ?? [] })), nextPageToken };
     },
 
-    processRecord: (em, id) => chargeAndView(em, id, 'manual'),
+    async processRecord(em, id) {
+      // PAID is final: answer it from a read, without a write transaction.
+      const v = await view(em, id);
+      if (v.record.status === 'PAID') return { ...v, outcome: 'ALREADY_PAID', userSuspended: false };
+      return chargeAndView(em, id, 'manual');
+    },
 
     async listUsageLogs(em, filter, pageReq) {
       const page = readPage(pageReq, filter);
@@ -270,7 +520,8 @@ export function createBillingService(deps: BillingDeps): BillingService {
     },
 
     async settleUser(em, userId) {
-      const rows = await em.execute<{ id: number | string }[]>(
+      const rows = await rawRead<{ id: number | string }>(
+        em,
         `select id from billing_records where user_id = ? and status <> 'PAID' order by id`,
         [userId],
       );
@@ -279,12 +530,18 @@ export function createBillingService(deps: BillingDeps): BillingService {
         rows.map((r) => Number(r.id)),
         'settle',
       );
-      // A user suspended for non-payment with nothing unpaid (e.g. settled elsewhere) is reactivated too.
-      await em.transactional((tx) => reactivateIfSettled(tx, userId, clock.now()));
+      // A user suspended for non-payment with nothing unpaid (e.g. settled elsewhere) is reactivated too;
+      // the write transaction is only needed when the user is suspended for non-payment at all.
+      const suspended = await rawRead<{ id: number | string }>(
+        em,
+        `select id from users where id = ? and status = 'SUSPENDED' and suspended_for_non_payment = ?`,
+        [userId, true],
+      );
+      if (suspended.length > 0) await em.transactional((tx) => reactivateIfSettled(tx, userId, clock.now()));
       return counts;
     },
 
-    chargeNewRecords: (em, ids) => chargeMany(em, ids, 'new'),
+    chargeNewRecords: (em, ids) => chargeBatched(em, ids, 'new'),
 
     async processDueRetries(em) {
       const counts = emptyRetryCounts();
@@ -292,15 +549,14 @@ export function createBillingService(deps: BillingDeps): BillingService {
       for (;;) {
         const now = clock.now().getTime();
         const due = await em.execute<{ id: number | string }[]>(
-          `select id from billing_records where status = 'PENDING' and next_attempt_at <= ? order by next_attempt_at, id limit 500`,
+          `select id from billing_records where status = 'PENDING' and next_attempt_at <= ? order by next_attempt_at, id limit ${BATCH}`,
           [now],
         );
         const ids = due.map((r) => Number(r.id)).filter((id) => !seen.has(id));
         if (ids.length === 0) return counts;
-        for (const id of ids) {
-          seen.add(id);
-          tally(counts, await charge(em, id, 'retry'));
-        }
+        for (const id of ids) seen.add(id);
+        const done = await chargeBatched(em, ids, 'retry');
+        for (const k of Object.keys(done) as (keyof RetryCounts)[]) counts[k] += done[k];
       }
     },
 

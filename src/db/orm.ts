@@ -7,6 +7,7 @@ import type { Logger } from 'pino';
 import type { DatabaseConfig } from '../config';
 import { entities } from './entities';
 import { migrationsList } from './migrations';
+import { openSqliteReaders } from './raw';
 
 export type Orm = { em: EntityManager; close(force?: boolean): Promise<void>; kind: DatabaseConfig['kind'] };
 
@@ -20,7 +21,14 @@ export const SQLITE_PRAGMAS = [
   'pragma busy_timeout = 5000',
   'pragma foreign_keys = on',
   'pragma synchronous = full',
+  // 24 MiB of page cache (default 2 MiB): more of the random-key indexes of a large ingestion stay in memory
+  // instead of spilling to the WAL mid-transaction (1M usage rows: 20.6 s -> 17.7 s for the raw driver).
+  'pragma cache_size = -24576',
 ].join('; ');
+
+/** Read-only connections for rawRead (SQLite runs readers in parallel with its one writer). */
+const SQLITE_READERS = 2;
+const SQLITE_READER_PRAGMAS = ['pragma busy_timeout = 5000', 'pragma query_only = on'].join('; ');
 
 const PG_INT8_OID = 20;
 /** pg_advisory_lock key that serializes migrations across replicas. */
@@ -129,9 +137,15 @@ export async function openOrm(db: DatabaseConfig, log: Logger, opts: OpenOrmOpti
     await orm.close(true).catch(() => undefined);
     throw err;
   }
+  const em = orm.em as unknown as EntityManager;
+  // SQLite: read-only connections beside the one writer serve the hot reads (db/raw.ts rawRead).
+  const readers = db.kind === 'sqlite' && db.path !== ':memory:' && db.path !== '' ? await openSqliteReaders(em, db.path, SQLITE_READERS, SQLITE_READER_PRAGMAS) : null;
   return {
-    em: orm.em as unknown as EntityManager,
+    em,
     kind: db.kind,
-    close: (force?: boolean) => orm.close(force),
+    close: async (force?: boolean) => {
+      await readers?.close();
+      await orm.close(force);
+    },
   };
 }

@@ -7,6 +7,8 @@
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Logger } from 'pino';
 import { checkRequestId, findIdempotent, requestHash, saveIdempotent } from '../db/idempotency';
+import { groupCommit } from '../db/group-commit';
+import { rawRead, rawSql } from '../db/raw';
 import { epochMs, int64 } from '../db/types';
 import type { Clock } from '../shared/clock';
 import { failedPrecondition, invalidArgument, notFound } from '../shared/errors';
@@ -67,11 +69,12 @@ async function insertLedgerRow(
   tx: EntityManager,
   row: { userId: number; type: 'CREDIT' | 'DEBIT'; amount: bigint; balanceAfter: bigint; billingRecordId: number | null; requestId: string | null; now: Date },
 ): Promise<WalletTransaction> {
-  const inserted = await tx.execute<LedgerRow[]>(
+  const sql = await rawSql(tx);
+  const inserted = await sql.all<LedgerRow>(
     `insert into wallet_transactions (user_id, type, amount, balance_after, billing_record_id, request_id, created_at)
      values (?, ?, cast(? as bigint), cast(? as bigint), ?, ?, ?) returning ${LEDGER_COLUMNS}`,
     [row.userId, row.type, row.amount.toString(), row.balanceAfter.toString(), row.billingRecordId, row.requestId, row.now.getTime()],
-    'all',
+    { reuse: 'connection' },
   );
   return toTransaction(inserted[0]);
 }
@@ -88,11 +91,12 @@ export async function debitWallet(
   billingRecordId: number,
   now: Date,
 ): Promise<WalletTransaction | null> {
-  const updated = await tx.execute<{ balance: string }[]>(
+  const sql = await rawSql(tx);
+  const updated = await sql.all<{ balance: string }>(
     `update wallets set balance = balance - cast(? as bigint), updated_at = ?
      where user_id = ? and balance >= cast(? as bigint) returning cast(balance as text) as balance`,
     [amount.toString(), now.getTime(), userId, amount.toString()],
-    'all',
+    { reuse: 'connection' },
   );
   if (updated.length === 0) return null;
   return insertLedgerRow(tx, {
@@ -122,7 +126,9 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
   const { clock, log, settle } = deps;
 
   async function readWallet(em: EntityManager, userId: number): Promise<WalletView> {
-    const rows = await em.execute<{ balance: string; created_at: number | string; updated_at: number | string }[]>(
+    // The hottest read of the service: a prepared statement on the pooled connection (see db/raw.ts).
+    const rows = await rawRead<{ balance: string; created_at: number | string; updated_at: number | string }>(
+      em,
       `select cast(w.balance as text) as balance, w.created_at, w.updated_at
        from wallets w join users u on u.id = w.user_id where w.user_id = ? and u.deleted_at is null`,
       [userId],
@@ -143,7 +149,8 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
       if (amount <= 0n) throw invalidArgument('amount', 'NON_POSITIVE_AMOUNT', 'amount must be greater than zero');
       const requestId = checkRequestId(rawRequestId);
       const hash = requestHash({ userId, amount });
-      const result = await em.transactional(async (tx): Promise<AddFundsResult> => {
+      // Group commit on SQLite: concurrent credits share one COMMIT (db/group-commit.ts).
+      const result = await groupCommit(em, async (tx, sql): Promise<AddFundsResult> => {
         if (requestId) {
           const txId = await findIdempotent(tx, 'AddFunds', requestId, hash);
           if (txId !== null) {
@@ -158,15 +165,18 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
             };
           }
         }
-        await getLiveUser(tx, userId);
         const now = clock.now();
-        const updated = await tx.execute<{ balance: string; created_at: number | string }[]>(
+        // One statement credits a live user's wallet; when it changes nothing, find out why.
+        const updated = await sql.all<{ balance: string; created_at: number | string }>(
           `update wallets set balance = balance + cast(? as bigint), updated_at = ?
-           where user_id = ? and balance <= cast(? as bigint) returning cast(balance as text) as balance, created_at`,
+           where user_id = ? and balance <= cast(? as bigint)
+             and exists (select 1 from users u where u.id = wallets.user_id and u.deleted_at is null)
+           returning cast(balance as text) as balance, created_at`,
           [amount.toString(), now.getTime(), userId, (INT64_MAX - amount).toString()],
-          'all',
+          { reuse: 'connection' },
         );
         if (updated.length === 0) {
+          await getLiveUser(tx, userId); // NOT_FOUND first, as before
           throw failedPrecondition('BALANCE_OVERFLOW', 'the balance would exceed the largest amount a wallet can hold');
         }
         const balance = int64(updated[0].balance);
