@@ -1,0 +1,120 @@
+/**
+ * Benchmark entry: `npm run bench [-- options]`.
+ *
+ *   --quick                 100k entries only, shorter RPC runs
+ *   --only ingest,rpc,...   parts to run (ingest, rpc, retries, growth; default all)
+ *   --db sqlite|postgres    database (postgres: a fresh database from TEST_PG_ADMIN_URL)
+ *   --replicas N            PostgreSQL: N service processes on one database for the RPC part
+ *   --seconds S             duration of each RPC load run (default 10, quick 4)
+ *   --log-level L           the service's LOG_LEVEL (default info, as deployed)
+ *   --sizes N,M             ingestion sizes (default 100000,1000000; quick 100000)
+ *   --formats json,ndjson   ingestion formats (default both)
+ *   --out PATH              results file (default ./bench-results.json)
+ *
+ * Prints one table per part and writes everything to bench-results.json.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { ALL_PARTS, log, snapshotDist, table, tmpWorkDir, type BenchOptions, type Part } from './common';
+import { runGrowth } from './growth';
+import { runIngest } from './ingest';
+import { runRetries } from './retries';
+import { runRpc } from './rpc';
+
+export function parseArgs(argv: string[]): BenchOptions {
+  const opts: BenchOptions = {
+    quick: false,
+    only: [...ALL_PARTS],
+    db: 'sqlite',
+    replicas: 1,
+    out: path.resolve('bench-results.json'),
+    logLevel: 'info',
+    rpcSeconds: 0,
+    workDir: '',
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    const value = (): string => {
+      const v = arg.includes('=') ? arg.slice(arg.indexOf('=') + 1) : argv[++i];
+      if (v === undefined) throw new Error(`${arg} needs a value`);
+      return v;
+    };
+    const name = arg.split('=')[0];
+    if (name === '--quick') opts.quick = true;
+    else if (name === '--only') {
+      const parts = value().split(',').map((p) => p.trim()).filter(Boolean);
+      for (const p of parts) if (!ALL_PARTS.includes(p as Part)) throw new Error(`unknown part ${p} (${ALL_PARTS.join(', ')})`);
+      opts.only = parts as Part[];
+    } else if (name === '--db') {
+      const db = value();
+      if (db !== 'sqlite' && db !== 'postgres') throw new Error('--db is sqlite or postgres');
+      opts.db = db;
+    } else if (name === '--replicas') opts.replicas = Math.max(1, Number(value()));
+    else if (name === '--seconds') opts.rpcSeconds = Number(value());
+    else if (name === '--log-level') opts.logLevel = value();
+    else if (name === '--sizes') opts.sizes = value().split(',').map(Number);
+    else if (name === '--formats') opts.formats = value().split(',') as BenchOptions['formats'];
+    else if (name === '--out') opts.out = path.resolve(value());
+    else throw new Error(`unknown option ${arg}`);
+  }
+  if (opts.replicas > 1 && opts.db !== 'postgres') throw new Error('--replicas needs --db postgres (SQLite is one writer)');
+  if (!opts.rpcSeconds) opts.rpcSeconds = opts.quick ? 4 : 10;
+  return opts;
+}
+
+async function main(): Promise<void> {
+  const opts = parseArgs(process.argv.slice(2));
+  opts.workDir = tmpWorkDir();
+  snapshotDist(opts.workDir);
+  log(`options ${JSON.stringify(opts)}`);
+  const results: Record<string, unknown> = {
+    startedAt: new Date().toISOString(),
+    machine: { cpus: os.cpus().length, cpu: os.cpus()[0]?.model, memMb: Math.round(os.totalmem() / 1048576), node: process.version },
+    options: { ...opts, workDir: undefined },
+  };
+  const out: string[] = [];
+  const save = () => fs.writeFileSync(opts.out, JSON.stringify(results, null, 2) + '\n');
+  try {
+    if (opts.only.includes('ingest')) {
+      const rows = await runIngest(opts);
+      results.ingest = rows;
+      out.push(table(`Ingestion (ProcessLogs end to end, ${opts.db}; floor = raw node-sqlite3 script, same rows, one transaction)`, rows as never));
+      save();
+    }
+    if (opts.only.includes('rpc')) {
+      const r = await runRpc(opts);
+      results.rpc = r;
+      out.push(table(`RPC under h2load (${opts.db}, ${opts.replicas} replica(s), ${opts.rpcSeconds} s each; ratio = calls/s / trivial grpc-js handler at the same concurrency)`, r.h2load as never));
+      out.push(table('RPC through a grpc-js client (latency at low concurrency)', r.client as never));
+      if (r.notes.length) out.push(r.notes.map((n) => `note: ${n}`).join('\n'));
+      save();
+    }
+    if (opts.only.includes('retries')) {
+      const r = await runRetries(opts);
+      results.retries = r;
+      out.push(table('Retries: records due at the same moment', [r] as never));
+      save();
+    }
+    if (opts.only.includes('growth')) {
+      const r = await runGrowth(opts);
+      results.growth = r;
+      out.push(table('Growth: ingestion at 1x and 10x', r.ingest as never));
+      out.push(table('Growth: ListUsageLogs latency by page depth (walk: page_size 500; first/deep: page_size 50, median of 30; grpc-js client, ms)', r.list as never));
+      save();
+    }
+  } finally {
+    results.finishedAt = new Date().toISOString();
+    save();
+    process.stdout.write(out.join('\n') + '\n');
+    process.stdout.write(`results: ${opts.out}\n`);
+    // BENCH_KEEP=1 keeps the scratch directory (service logs, databases) for a look afterwards.
+    if (process.env.BENCH_KEEP) log(`kept ${opts.workDir}`);
+    else fs.rmSync(opts.workDir, { recursive: true, force: true });
+  }
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`bench failed: ${(err as Error)?.stack ?? String(err)}\n`);
+  process.exit(1);
+});
