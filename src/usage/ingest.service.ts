@@ -23,19 +23,10 @@ import { formatDecimal, lineAmount, QUANTITY_SCALE } from '../shared/money';
 import { rejectedIdentity, usageIdentity, type IdentityKind } from './identity';
 import { readUsageFile, UsageFileError, type RawEntry } from './parser';
 import { validateEntry } from './validate';
+import { emptyCounts, type JobCounts } from '../jobs/job-run.entity';
 
-export interface IngestCounts {
-  entriesRead: number;
-  entriesAccepted: number;
-  entriesDuplicate: number;
-  entriesRejected: number;
-  entriesPending: number;
-  billingRecordsCreated: number;
-  chargesSucceeded: number;
-  retriesScheduled: number;
-  recordsFailed: number;
-  usersSuspended: number;
-  /** A reported, non-fatal problem (e.g. the file is missing). */
+/** What a run counted, plus a reported, non-fatal problem (e.g. the file is missing). */
+export interface IngestCounts extends JobCounts {
   notice: string;
 }
 
@@ -508,19 +499,7 @@ export function createIngestService(deps: IngestDeps): IngestService {
   return {
     async ingest(rootEm, jobRunId) {
       const em = rootEm.fork();
-      const counts: IngestCounts = {
-        entriesRead: 0,
-        entriesAccepted: 0,
-        entriesDuplicate: 0,
-        entriesRejected: 0,
-        entriesPending: 0,
-        billingRecordsCreated: 0,
-        chargesSucceeded: 0,
-        retriesScheduled: 0,
-        recordsFailed: 0,
-        usersSuspended: 0,
-        notice: '',
-      };
+      const counts: IngestCounts = { ...emptyCounts(), notice: '' };
       const recordIds = await em.transactional(async (tx) => {
         // One ingestion at a time across replicas on PostgreSQL (SQLite has a single writer anyway).
         if (isPostgres(tx)) await tx.execute(`select pg_advisory_xact_lock(72010001)`);

@@ -5,22 +5,14 @@
  * stays small.
  */
 import * as fs from 'node:fs';
+import { mulberry32 } from '../helpers/prng';
 
 export type UsageFormat = 'json' | 'ndjson';
 
 export const SERVICES = ['api-calls', 'storage', 'bandwidth', 'compute'] as const;
 
-/** mulberry32: a small, fast, seeded PRNG. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** The seeded PRNG of the tests (mulberry32), under the name the benchmarks use. */
+export const prng = mulberry32;
 
 const BASE_MS = Date.UTC(2024, 0, 1);
 const SPAN_S = 365 * 24 * 3600;
