@@ -12,9 +12,10 @@
  * - A rejected entry is `r:<hash of its raw text>:<n>` by the same rule, so a
  *   rejection is recorded once, and a corrected entry is new usage.
  *
- * The occurrence number is computed in SQL (row_number over the run's staged
- * entries), so memory does not grow with the file. This file computes the
- * hash part.
+ * The occurrence number comes from the keys already stored (an entry whose
+ * `:1` key is not stored is a first occurrence), so only identities that
+ * repeat are counted in memory (see `keyed` in ingest.service.ts). This file
+ * computes the hash part.
  */
 import { createHash } from 'node:crypto';
 import type { ValidUsage } from './validate';

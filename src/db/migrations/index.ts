@@ -1,10 +1,12 @@
 import { Migration20261124000000Initial } from './Migration20261124000000_initial';
 import { Migration20261124010000JobPeriod } from './Migration20261124010000_job_period';
 import { Migration20261124020000DropUsageRecordIdx } from './Migration20261124020000_drop_usage_record_idx';
+import { Migration20261124030000DropUsageStaging } from './Migration20261124030000_drop_usage_staging';
 
 /** Every migration, in order. Listed here so that compiled code and ts-jest find them alike. */
 export const migrationsList = [
   { name: 'Migration20261124000000_initial', class: Migration20261124000000Initial },
   { name: 'Migration20261124010000_job_period', class: Migration20261124010000JobPeriod },
   { name: 'Migration20261124020000_drop_usage_record_idx', class: Migration20261124020000DropUsageRecordIdx },
+  { name: 'Migration20261124030000_drop_usage_staging', class: Migration20261124030000DropUsageStaging },
 ];
