@@ -7,6 +7,7 @@ import { call, expectGrpcError, money, startTestApp, type TestApp } from '../hel
 import { requestHash } from '../../src/db/idempotency';
 import { checkInvariants } from '../../src/ops/invariants';
 import { FakeClock } from '../helpers/fake-clock';
+import { creditWithoutSettling } from '../helpers/ledger';
 import { entry, writeNdjson } from '../helpers/usage';
 
 const R = billingPb.BillingRecordStatus;
@@ -21,20 +22,6 @@ async function newUser(t: TestApp, funds: string, n = 1): Promise<bigint> {
 
 const createRecord = (t: TestApp, userId: bigint, amount: string, requestId = '') =>
   call(t.billing, 'createBillingRecord', { userId, amount: money(amount), description: 'manual charge', requestId });
-
-/** A credit written straight to the database (balance + ledger row), so no settlement runs. */
-async function creditWithoutSettling(t: TestApp, userId: bigint, micros: bigint): Promise<void> {
-  await t.app.orm.em.fork().transactional(async (em) => {
-    const [w] = await em.execute<{ balance: string }[]>(
-      `update wallets set balance = balance + cast(? as bigint) where user_id = ? returning cast(balance as text) as balance`,
-      [micros.toString(), Number(userId)],
-    );
-    await em.execute(
-      `insert into wallet_transactions (user_id, type, amount, balance_after, created_at) values (?, 'CREDIT', cast(? as bigint), cast(? as bigint), 0)`,
-      [Number(userId), micros.toString(), w.balance],
-    );
-  });
-}
 
 /** Every money invariant holds (balances equal ledgers, one debit per PAID record, ...): src/ops/invariants.ts. */
 async function invariantsHold(t: TestApp): Promise<void> {

@@ -9,6 +9,7 @@ import * as jobPb from '../../generated/billing/v1/job_service';
 import { checkInvariants } from '../../src/ops/invariants';
 import { call, money, startTestApp, type TestApp } from '../helpers/harness';
 import { appendNdjson, writeNdjson, type Entry } from '../helpers/usage';
+import { creditWithoutSettling } from '../helpers/ledger';
 
 const O = billingPb.ChargeOutcome;
 const R = billingPb.BillingRecordStatus;
@@ -44,20 +45,6 @@ describe('concurrency', () => {
     return user!.id;
   }
 
-  /** A credit written straight to the database (balance + ledger row), so that no settlement charges anything. */
-  async function creditWithoutSettling(userId: bigint, amount: bigint): Promise<void> {
-    await t.app.orm.em.fork().transactional(async (tx) => {
-      const [w] = await tx.execute<{ balance: string }[]>(
-        `update wallets set balance = balance + cast(? as bigint) where user_id = ? returning cast(balance as text) as balance`,
-        [amount.toString(), Number(userId)],
-      );
-      await tx.execute(
-        `insert into wallet_transactions (user_id, type, amount, balance_after, created_at) values (?, 'CREDIT', cast(? as bigint), cast(? as bigint), 0)`,
-        [Number(userId), amount.toString(), w.balance],
-      );
-    });
-  }
-
   it('1,000 concurrent ProcessBillingRecord calls over 100 records charge each record exactly once', async () => {
     t = await startTestApp({}, { scheduler: false });
     const ids: bigint[] = [];
@@ -71,7 +58,7 @@ describe('concurrency', () => {
         owed.set(userId, (owed.get(userId) ?? 0n) + micros(money(`${k}.01`)));
       }
     }
-    for (const [userId, amount] of owed) await creditWithoutSettling(userId, amount); // exactly enough
+    for (const [userId, amount] of owed) await creditWithoutSettling(t, userId, amount); // exactly enough
 
     const calls = shuffled(Array.from({ length: 1000 }, (_, i) => ids[i % ids.length]));
     const results = await Promise.all(calls.map((id) => call(t.billing, 'processBillingRecord', { id }, LONG)));
