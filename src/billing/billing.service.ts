@@ -17,7 +17,7 @@ import { invalidArgument, notFound } from '../shared/errors';
 import { pageOf, readPage } from '../shared/paging';
 import { UsageLog } from '../usage/usage-log.entity';
 import { getLiveUser } from '../users/users.service';
-import { debitWallet } from '../wallets/wallets.service';
+import { debitWallet, holdOpenWallet } from '../wallets/wallets.service';
 import { BillingRecord, LineItem, type BillingRecordStatus } from './billing-record.entity';
 import type { BillingService, ChargeOutcome, ChargeResult, RecordView, RetryCounts } from './billing.types';
 import { nextAttemptDelayMs, type RetryPolicy } from './retry-policy';
@@ -362,7 +362,7 @@ export function createBillingService(deps: BillingDeps): BillingService {
       const updated = await sql.all<{ user_id: number | string; balance: string }>(
         `update wallets set balance = wallets.balance - v.amount, updated_at = ?
          from (select column1 as user_id, column2 as amount from (values ${users.map(() => '(cast(? as bigint), cast(? as bigint))').join(', ')}) as t) as v
-         where wallets.user_id = v.user_id and wallets.balance >= v.amount
+         where wallets.user_id = v.user_id and wallets.balance >= v.amount and wallets.closed_at is null
          returning wallets.user_id, cast(wallets.balance as text) as balance`,
         [at, ...users.flatMap((u) => [u, debited.get(u)!.toString()])],
       );
@@ -453,6 +453,7 @@ export function createBillingService(deps: BillingDeps): BillingService {
           if (existing !== null) return { id: existing, replayed: true };
         }
         await getLiveUser(tx, input.userId);
+        await holdOpenWallet(tx, input.userId);
         const now = clock.now();
         // Due at once: if the process dies before the first attempt, the retry scheduler makes it.
         const rows = await tx.execute<{ id: number | string }[]>(

@@ -24,7 +24,8 @@ export type InvariantRule =
   | 'debit_for_paid_record'
   | 'usage_linked_to_record'
   | 'usage_record_total'
-  | 'usage_matches_line_items';
+  | 'usage_matches_line_items'
+  | 'deleted_user_settled';
 
 /** Every rule with what it guarantees, in the order they are checked. */
 export const INVARIANT_RULES: Readonly<Record<InvariantRule, string>> = Object.freeze({
@@ -38,6 +39,7 @@ export const INVARIANT_RULES: Readonly<Record<InvariantRule, string>> = Object.f
     'a usage entry has a billing record iff it is BILLED, and a BILLED entry points at a USAGE record of its own user',
   usage_record_total: "every USAGE record has line items and its amount equals their sum",
   usage_matches_line_items: "each USAGE record's line items are exactly the quantities of the BILLED entries it links, per service",
+  deleted_user_settled: "a deleted user's wallet is closed and holds no money, and none of their billing records is unpaid",
 });
 
 export interface InvariantViolation {
@@ -228,6 +230,25 @@ const QUERIES: readonly Query[] = [
     describe: (r) =>
       `billing record ${str(r.billing_record_id)} links ${str(r.n)} BILLED ${JSON.stringify(r.service)} entries ` +
       `(quantity ${str(r.quantity)} x10^-6) but has no line item for that service`,
+  },
+  {
+    rule: 'deleted_user_settled',
+    sql: `select w.user_id, cast(w.balance as text) as balance, w.closed_at
+          from wallets w join users u on u.id = w.user_id
+          where u.deleted_at is not null and (w.balance <> 0 or w.closed_at is null)
+          order by w.user_id limit ?`,
+    describe: (r) =>
+      r.closed_at === null || r.closed_at === undefined
+        ? `deleted user ${str(r.user_id)} has an open wallet holding ${m(r.balance)}`
+        : `deleted user ${str(r.user_id)} has ${m(r.balance)} in their closed wallet, which no one can spend or see`,
+  },
+  {
+    rule: 'deleted_user_settled',
+    sql: `select r.id, r.user_id, r.status, cast(r.amount as text) as amount
+          from billing_records r join users u on u.id = r.user_id
+          where u.deleted_at is not null and r.status <> 'PAID'
+          order by r.id limit ?`,
+    describe: (r) => `billing record ${str(r.id)} (${str(r.status)}, ${m(r.amount)}) belongs to deleted user ${str(r.user_id)}`,
   },
 ];
 

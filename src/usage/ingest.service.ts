@@ -260,8 +260,12 @@ export function createIngestService(deps: IngestDeps): IngestService {
       const unknown = [...new Set(ids)].filter((id) => !users.has(id));
       for (let i = 0; i < unknown.length; i += 500) {
         const part = unknown.slice(i, i + 500);
+        // On PostgreSQL the open wallets are share-locked until the run commits, so none of these users can be
+        // deleted while a record is being made for them (a delete closes the wallet row first).
         const rows = await tx.execute<{ id: number | string; deleted: number | boolean }[]>(
-          `select id, deleted_at is not null as deleted from users where id in (${part.map(() => '?').join(', ')})`,
+          `select u.id, (u.deleted_at is not null or w.closed_at is not null) as deleted
+           from users u join wallets w on w.user_id = u.id
+           where u.id in (${part.map(() => '?').join(', ')})${pg ? ' for share of w' : ''}`,
           part,
         );
         for (const id of part) users.set(id, 'unknown');

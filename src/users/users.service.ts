@@ -5,6 +5,7 @@ import type { Clock } from '../shared/clock';
 import { alreadyExists, failedPrecondition, invalidArgument, notFound } from '../shared/errors';
 import { pageOf, readPage, type PageRequest } from '../shared/paging';
 import { Wallet } from '../wallets/wallet.entity';
+import { closeEmptyWallet } from '../wallets/wallets.service';
 import { User, type UserStatus } from './user.entity';
 
 const EMAIL_RE = /^[^\s@"(),:;<>[\\\]]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$/;
@@ -126,8 +127,11 @@ export function createUsersService(deps: { clock: Clock }): UsersService {
     async delete(em, id) {
       await em.transactional(async (tx) => {
         const user = await getLiveUser(tx, id);
-        const wallet = await tx.findOneOrFail(Wallet, { userId: id });
-        if (wallet.balance !== 0n) {
+        const now = clock.now();
+        // Close the wallet first, with a conditional UPDATE of its row: a credit or debit of the same wallet either
+        // committed before (then the balance is not zero) or waits for this row (PostgreSQL; SQLite has one writer)
+        // and then finds the wallet closed. Whichever commits first wins.
+        if (!(await closeEmptyWallet(tx, id, now))) {
           throw failedPrecondition('BALANCE_NOT_ZERO', `user ${id} still has a non-zero wallet balance`);
         }
         const unpaid = await tx.execute<{ n: number }[]>(
@@ -137,7 +141,6 @@ export function createUsersService(deps: { clock: Clock }): UsersService {
         if (Number(unpaid[0].n) > 0) {
           throw failedPrecondition('UNPAID_BILLING_RECORDS', `user ${id} has unpaid billing records`);
         }
-        const now = clock.now();
         user.deletedAt = now;
         user.updatedAt = now;
         await tx.flush();

@@ -5,6 +5,8 @@ import { EpochMsType, Int64Type } from '../db/types';
 export class Wallet {
   userId: number;
   balance = 0n;
+  /** Set when the user is deleted; a closed wallet takes no credit or debit (see the wallet_closed migration). */
+  closedAt: Date | null = null;
   createdAt: Date;
   updatedAt: Date;
 
@@ -35,6 +37,7 @@ export const WalletSchema = new EntitySchema<Wallet>({
   properties: {
     userId: { type: 'number', primary: true, autoincrement: false },
     balance: { type: Int64Type },
+    closedAt: { type: EpochMsType, nullable: true },
     createdAt: { type: EpochMsType },
     updatedAt: { type: EpochMsType },
   },

@@ -8,6 +8,7 @@ import type { EntityManager } from '@mikro-orm/knex';
 import type { Logger } from 'pino';
 import { checkRequestId, findIdempotent, requestHash, saveIdempotent } from '../db/idempotency';
 import { groupCommit } from '../db/group-commit';
+import { isPostgres } from '../db/platform';
 import { rawRead, rawSql } from '../db/raw';
 import { epochMs, int64 } from '../db/types';
 import type { Clock } from '../shared/clock';
@@ -94,7 +95,7 @@ export async function debitWallet(
   const sql = await rawSql(tx);
   const updated = await sql.all<{ balance: string }>(
     `update wallets set balance = balance - cast(? as bigint), updated_at = ?
-     where user_id = ? and balance >= cast(? as bigint) returning cast(balance as text) as balance`,
+     where user_id = ? and balance >= cast(? as bigint) and closed_at is null returning cast(balance as text) as balance`,
     [amount.toString(), now.getTime(), userId, amount.toString()],
     { reuse: 'connection' },
   );
@@ -108,6 +109,35 @@ export async function debitWallet(
     requestId: null,
     now,
   });
+}
+
+/**
+ * Closes the wallet of a user being deleted, if it is open and empty, inside
+ * the caller's transaction. One conditional UPDATE of the wallet row: it
+ * queues behind (PostgreSQL row lock) or after (SQLite's one writer) any
+ * credit or debit of the same wallet. Returns false when the balance is not
+ * zero (or the wallet is closed already).
+ */
+export async function closeEmptyWallet(tx: EntityManager, userId: number, now: Date): Promise<boolean> {
+  const res = await tx.execute<{ affectedRows: number }>(
+    'update wallets set closed_at = ?, updated_at = ? where user_id = ? and closed_at is null and balance = 0',
+    [now.getTime(), now.getTime(), userId],
+    'run',
+  );
+  return res.affectedRows === 1;
+}
+
+/**
+ * Holds an open wallet until the caller's transaction ends (a share lock on
+ * PostgreSQL), so a user cannot be deleted while a billing record for them is
+ * being created; throws NOT_FOUND when the wallet is closed or missing.
+ */
+export async function holdOpenWallet(tx: EntityManager, userId: number): Promise<void> {
+  const rows = await tx.execute<{ user_id: number }[]>(
+    `select user_id from wallets where user_id = ? and closed_at is null${isPostgres(tx) ? ' for share' : ''}`,
+    [userId],
+  );
+  if (rows.length === 0) throw notFound('USER_NOT_FOUND', `user ${userId} not found`);
 }
 
 export interface WalletsDeps {
@@ -166,11 +196,10 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
           }
         }
         const now = clock.now();
-        // One statement credits a live user's wallet; when it changes nothing, find out why.
+        // One statement credits an open wallet (its user is not deleted); when it changes nothing, find out why.
         const updated = await sql.all<{ balance: string; created_at: number | string }>(
           `update wallets set balance = balance + cast(? as bigint), updated_at = ?
-           where user_id = ? and balance <= cast(? as bigint)
-             and exists (select 1 from users u where u.id = wallets.user_id and u.deleted_at is null)
+           where user_id = ? and balance <= cast(? as bigint) and closed_at is null
            returning cast(balance as text) as balance, created_at`,
           [amount.toString(), now.getTime(), userId, (INT64_MAX - amount).toString()],
           { reuse: 'connection' },

@@ -6,8 +6,10 @@
 import * as path from 'node:path';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
+import * as walletPb from '../../generated/billing/v1/wallet_service';
 import { checkInvariants } from '../../src/ops/invariants';
-import { call, money, startTestApp, type TestApp } from '../helpers/harness';
+import * as grpc from '@grpc/grpc-js';
+import { call, money, reasonOf, startTestApp, type TestApp } from '../helpers/harness';
 import { appendNdjson, writeNdjson, type Entry } from '../helpers/usage';
 import { creditWithoutSettling } from '../helpers/ledger';
 
@@ -105,6 +107,42 @@ describe('concurrency', () => {
     }
     const [{ n }] = await q(`select count(*) as n from wallet_transactions where type = 'DEBIT'`);
     expect(Number(n)).toBe(142);
+    await expectInvariants();
+  });
+
+  it('DeleteUser racing AddFunds on the same wallet: exactly one of the two wins each time, and no deleted user holds money', async () => {
+    t = await startTestApp({}, { scheduler: false });
+    const pairs = 200;
+    const users: bigint[] = [];
+    for (let i = 0; i < pairs; i++) users.push(await newUser(1000 + i));
+    const settle = (p: Promise<unknown>) => p.then(() => 'OK', (err: grpc.ServiceError) => `${grpc.status[err.code]}/${reasonOf(err)}`);
+    // Two connections, as two client services would be; each leaves 0-6 ms after the other.
+    const other = new walletPb.WalletServiceClient(t.address, t.credentials, t.clientOptions);
+    const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+    const results: string[][] = [];
+    for (let i = 0; i < pairs; i += 20) {
+      results.push(
+        ...(await Promise.all(
+          users.slice(i, i + 20).map((userId, k) =>
+            Promise.all([
+              sleep((i + k) % 7).then(() => settle(call(t.users, 'deleteUser', { id: userId }, LONG))),
+              sleep(((i + k) * 3) % 7).then(() => settle(call(other, 'addFunds', { userId, amount: money('3.17'), requestId: `race-${i + k}` }, LONG))),
+            ]),
+          ),
+        )),
+      );
+    }
+    other.close();
+    const seen = new Map<string, number>();
+    for (const [del, add] of results) seen.set(`${del} + ${add}`, (seen.get(`${del} + ${add}`) ?? 0) + 1);
+    // Whichever commits first wins: the delete (then the credit finds no user) or the credit (then the wallet is not empty).
+    for (const outcome of seen.keys()) {
+      expect(['OK + NOT_FOUND/USER_NOT_FOUND', 'FAILED_PRECONDITION/BALANCE_NOT_ZERO + OK']).toContain(outcome);
+    }
+    const held = await q(
+      `select count(*) as n from wallets w join users u on u.id = w.user_id where u.deleted_at is not null and w.balance <> 0`,
+    );
+    expect(Number(held[0].n)).toBe(0);
     await expectInvariants();
   });
 

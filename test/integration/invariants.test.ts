@@ -268,12 +268,47 @@ describe('the invariant checker', () => {
     expect(rulesOf(report)).toEqual(['usage_matches_line_items']);
   });
 
+  /** The deleted user of the fixture: nothing owed, nothing left. */
+  const deletedUser = (tx: EntityManager) => one(tx, `select id from users where deleted_at is not null order by id`);
+
+  it("reports money in a deleted user's wallet", async () => {
+    const report = await corrupted(async (tx) => {
+      const { id } = await deletedUser(tx);
+      // A credit as if it had raced the delete: balance and ledger agree, but nobody can see or spend it.
+      await tx.execute('update wallets set balance = balance + 5 where user_id = ?', [id]);
+      const [w] = await tx.execute<Row[]>('select cast(balance as text) as b from wallets where user_id = ?', [id]);
+      await tx.execute(
+        `insert into wallet_transactions (user_id, type, amount, balance_after, created_at) values (?, 'CREDIT', 5, cast(? as bigint), 0)`,
+        [id, w.b],
+      );
+    });
+    expect(rulesOf(report)).toEqual(['deleted_user_settled']);
+  });
+
+  it('reports a deleted user whose wallet is still open, and an unpaid record of a deleted user', async () => {
+    const open = await corrupted(async (tx) => {
+      const { id } = await deletedUser(tx);
+      await tx.execute('update wallets set closed_at = null where user_id = ?', [id]);
+    });
+    expect(rulesOf(open)).toEqual(['deleted_user_settled']);
+    const unpaid = await corrupted(async (tx) => {
+      const { id } = await deletedUser(tx);
+      await tx.execute(
+        `insert into billing_records (user_id, kind, amount, status, description, attempt_count, created_at, updated_at)
+         values (?, 'MANUAL', 1000000, 'PENDING', 'late', 0, 0, 0)`,
+        [id],
+      );
+    });
+    expect(rulesOf(unpaid)).toEqual(['deleted_user_settled']);
+  });
+
   it('has a corruption above for every rule', () => {
     // Keeps this file honest when a rule is added.
     expect(Object.keys(INVARIANT_RULES).sort()).toEqual(
       [
         'balance_matches_ledger',
         'debit_for_paid_record',
+        'deleted_user_settled',
         'ledger_chain',
         'no_negative_balance',
         'one_debit_per_record',
