@@ -52,10 +52,11 @@ async function withPgSessionLock<T>(url: string, key: number, fn: () => Promise<
 
 function pgTypeParser(oid: number, format?: string): (value: string) => unknown {
   if (oid === PG_INT8_OID) {
+    // Ids and counts as numbers. A value beyond 2^53 (a money column that MikroORM's `select *` reads beside its
+    // `cast(... as text)`, say) stays exact text rather than becoming a lossy number; Int64Type reads text.
     return (value: string) => {
       const n = Number(value);
-      if (!Number.isSafeInteger(n)) throw new Error(`int8 ${value} read without a cast to text`);
-      return n;
+      return Number.isSafeInteger(n) ? n : value;
     };
   }
   return pgTypes.getTypeParser(oid, format as 'text');
@@ -112,7 +113,7 @@ export async function openOrm(db: DatabaseConfig, log: Logger, opts: OpenOrmOpti
         ...common,
         clientUrl: db.url,
         pool: { min: 1, max: 10 },
-        // int8 ids and counts as JS numbers (they stay far below 2^53); money is always read as text.
+        // int8 ids and counts as JS numbers (they stay far below 2^53); money is read as text.
         driverOptions: { connection: { types: { getTypeParser: pgTypeParser } }, log: knexLog },
       }),
     );

@@ -78,7 +78,8 @@ type Row = Record<string, unknown>;
 
 const str = (v: unknown): string => (v === null || v === undefined ? 'null' : String(v));
 /** A micros value read as text, shown as money with its micros: "12.50 (12500000)". */
-const m = (v: unknown): string => (v === null || v === undefined ? 'null' : `${formatMoney(BigInt(v as string))} (${v} micros)`);
+const m = (v: unknown): string =>
+  v === null || v === undefined ? 'null' : `${formatMoney(BigInt(v as string | bigint))} (${String(v)} micros)`;
 
 interface Query {
   rule: InvariantRule;
@@ -90,24 +91,50 @@ interface Query {
 
 const SIGNED_AMOUNT = `case when t.type = 'CREDIT' then t.amount else -t.amount end`;
 
+/**
+ * Sums that cannot overflow. SQLite's sum() of integers fails with "integer
+ * overflow" past 2^63 - 1, and a checker that fails cannot report the
+ * corruption that made it fail. So a 64-bit column is summed in two parts,
+ * value / 2^32 and value % 2^32 (each row's parts are below 2^32, so their
+ * sums fit for up to 2^31 rows), and the exact total is hi x 2^32 + lo.
+ */
+const SPLIT = '4294967296';
+/** `<alias>_hi` and `<alias>_lo` columns (as text) of the overflow-safe sum of `expr`. */
+const splitSum = (expr: string, alias: string): string =>
+  `cast(coalesce(sum((${expr}) / ${SPLIT}), 0) as text) as ${alias}_hi, cast(coalesce(sum((${expr}) % ${SPLIT}), 0) as text) as ${alias}_lo`;
+/** The raw sums (not cast), for a sub-select that is compared with equalsSplit. */
+const splitSumRaw = (expr: string, alias: string): string =>
+  `sum((${expr}) / ${SPLIT}) as ${alias}_hi, sum((${expr}) % ${SPLIT}) as ${alias}_lo`;
+/**
+ * SQL: `value` equals hi x 2^32 + lo, decided without computing that product:
+ * the difference of the low parts must be a whole number of 2^32, which the
+ * difference of the high parts must cancel.
+ */
+const equalsSplit = (value: string, hi: string, lo: string): string =>
+  `(((${value}) % ${SPLIT} - ${lo}) % ${SPLIT} = 0 and (${value}) / ${SPLIT} - ${hi} + ((${value}) % ${SPLIT} - ${lo}) / ${SPLIT} = 0)`;
+/** The exact total of a split sum read back as text. */
+const joinSplit = (hi: unknown, lo: unknown): bigint => BigInt((hi as string) ?? '0') * 4294967296n + BigInt((lo as string) ?? '0');
+
 const QUERIES: readonly Query[] = [
   {
     rule: 'balance_matches_ledger',
-    sql: `select w.user_id, cast(w.balance as text) as balance, cast(coalesce(l.net, 0) as text) as ledger
+    sql: `select w.user_id, cast(w.balance as text) as balance,
+                 cast(coalesce(l.net_hi, 0) as text) as net_hi, cast(coalesce(l.net_lo, 0) as text) as net_lo
           from wallets w
-          left join (select t.user_id, sum(${SIGNED_AMOUNT}) as net from wallet_transactions t group by t.user_id) l
+          left join (select t.user_id, ${splitSumRaw(SIGNED_AMOUNT, 'net')} from wallet_transactions t group by t.user_id) l
             on l.user_id = w.user_id
-          where w.balance <> coalesce(l.net, 0)
+          where not ${equalsSplit('w.balance', 'coalesce(l.net_hi, 0)', 'coalesce(l.net_lo, 0)')}
           order by w.user_id limit ?`,
-    describe: (r) => `wallet of user ${str(r.user_id)}: balance ${m(r.balance)}, but its ledger sums to ${m(r.ledger)}`,
+    describe: (r) =>
+      `wallet of user ${str(r.user_id)}: balance ${m(r.balance)}, but its ledger sums to ${m(joinSplit(r.net_hi, r.net_lo))}`,
   },
   {
     rule: 'balance_matches_ledger',
-    sql: `select t.user_id, count(*) as n, cast(sum(${SIGNED_AMOUNT}) as text) as net
+    sql: `select t.user_id, count(*) as n, ${splitSum(SIGNED_AMOUNT, 'net')}
           from wallet_transactions t
           where not exists (select 1 from wallets w where w.user_id = t.user_id)
           group by t.user_id order by t.user_id limit ?`,
-    describe: (r) => `user ${str(r.user_id)} has ${str(r.n)} ledger rows (net ${m(r.net)}) but no wallet`,
+    describe: (r) => `user ${str(r.user_id)} has ${str(r.n)} ledger rows (net ${m(joinSplit(r.net_hi, r.net_lo))}) but no wallet`,
   },
   {
     rule: 'no_negative_balance',
@@ -135,11 +162,12 @@ const QUERIES: readonly Query[] = [
   },
   {
     rule: 'one_debit_per_record',
-    sql: `select t.billing_record_id, count(*) as n, cast(sum(t.amount) as text) as total
+    sql: `select t.billing_record_id, count(*) as n, ${splitSum('t.amount', 'total')}
           from wallet_transactions t where t.type = 'DEBIT'
           group by t.billing_record_id having count(*) > 1
           order by t.billing_record_id limit ?`,
-    describe: (r) => `billing record ${str(r.billing_record_id)} was debited ${str(r.n)} times (together ${m(r.total)})`,
+    describe: (r) =>
+      `billing record ${str(r.billing_record_id)} was debited ${str(r.n)} times (together ${m(joinSplit(r.total_hi, r.total_lo))})`,
   },
   {
     rule: 'paid_record_debited_once',
@@ -192,36 +220,37 @@ const QUERIES: readonly Query[] = [
   },
   {
     rule: 'usage_record_total',
-    sql: `select r.id, r.user_id, cast(r.amount as text) as amount, count(li.id) as lines,
-                 cast(coalesce(sum(li.amount), 0) as text) as line_total
+    sql: `select r.id, r.user_id, cast(r.amount as text) as amount, count(li.id) as lines, ${splitSum('li.amount', 'line_total')}
           from billing_records r
           left join line_items li on li.billing_record_id = r.id
           where r.kind = 'USAGE'
           group by r.id, r.user_id, r.amount
-          having count(li.id) = 0 or r.amount <> coalesce(sum(li.amount), 0)
+          having count(li.id) = 0
+              or not ${equalsSplit('r.amount', `coalesce(sum(li.amount / ${SPLIT}), 0)`, `coalesce(sum(li.amount % ${SPLIT}), 0)`)}
           order by r.id limit ?`,
     describe: (r) =>
       Number(r.lines) === 0
         ? `USAGE billing record ${str(r.id)} of user ${str(r.user_id)} for ${m(r.amount)} has no line items`
-        : `USAGE billing record ${str(r.id)} of user ${str(r.user_id)}: amount ${m(r.amount)}, but its ${str(r.lines)} line items sum to ${m(r.line_total)}`,
+        : `USAGE billing record ${str(r.id)} of user ${str(r.user_id)}: amount ${m(r.amount)}, but its ${str(r.lines)} line items sum to ${m(joinSplit(r.line_total_hi, r.line_total_lo))}`,
   },
   {
     rule: 'usage_matches_line_items',
-    sql: `select li.billing_record_id, li.service, cast(li.quantity as text) as quantity, cast(coalesce(u.q, 0) as text) as billed
+    sql: `select li.billing_record_id, li.service, cast(li.quantity as text) as quantity,
+                 cast(coalesce(u.q_hi, 0) as text) as q_hi, cast(coalesce(u.q_lo, 0) as text) as q_lo
           from line_items li
           join billing_records r on r.id = li.billing_record_id and r.kind = 'USAGE'
-          left join (select l.billing_record_id, l.service, sum(l.quantity) as q
+          left join (select l.billing_record_id, l.service, ${splitSumRaw('l.quantity', 'q')}
                      from usage_logs l where l.status = 'BILLED' group by l.billing_record_id, l.service) u
             on u.billing_record_id = li.billing_record_id and u.service = li.service
-          where li.quantity <> coalesce(u.q, 0)
+          where not ${equalsSplit('li.quantity', 'coalesce(u.q_hi, 0)', 'coalesce(u.q_lo, 0)')}
           order by li.billing_record_id, li.service limit ?`,
     describe: (r) =>
       `billing record ${str(r.billing_record_id)}: the ${JSON.stringify(r.service)} line item bills a quantity of ` +
-      `${str(r.quantity)} (x10^-6), but the BILLED entries it links add up to ${str(r.billed)}`,
+      `${str(r.quantity)} (x10^-6), but the BILLED entries it links add up to ${joinSplit(r.q_hi, r.q_lo)}`,
   },
   {
     rule: 'usage_matches_line_items',
-    sql: `select l.billing_record_id, l.service, count(*) as n, cast(sum(l.quantity) as text) as quantity
+    sql: `select l.billing_record_id, l.service, count(*) as n, ${splitSum('l.quantity', 'quantity')}
           from usage_logs l
           where l.status = 'BILLED' and l.billing_record_id is not null
             and not exists (select 1 from line_items li where li.billing_record_id = l.billing_record_id and li.service = l.service)
@@ -229,7 +258,7 @@ const QUERIES: readonly Query[] = [
           order by l.billing_record_id, l.service limit ?`,
     describe: (r) =>
       `billing record ${str(r.billing_record_id)} links ${str(r.n)} BILLED ${JSON.stringify(r.service)} entries ` +
-      `(quantity ${str(r.quantity)} x10^-6) but has no line item for that service`,
+      `(quantity ${joinSplit(r.quantity_hi, r.quantity_lo)} x10^-6) but has no line item for that service`,
   },
   {
     rule: 'deleted_user_settled',
@@ -275,11 +304,11 @@ async function readCounts(em: EntityManager): Promise<InvariantCounts> {
   const users = await one(
     `select count(*) as n, sum(case when deleted_at is null then 0 else 1 end) as deleted from users`,
   );
-  const wallets = await one(`select count(*) as n, cast(coalesce(sum(balance), 0) as text) as total from wallets`);
+  const wallets = await one(`select count(*) as n, ${splitSum('balance', 'total')} from wallets`);
   const ledger = await one(
     `select sum(case when type = 'CREDIT' then 1 else 0 end) as credits, sum(case when type = 'DEBIT' then 1 else 0 end) as debits,
-            cast(coalesce(sum(case when type = 'CREDIT' then amount else 0 end), 0) as text) as credit_total,
-            cast(coalesce(sum(case when type = 'DEBIT' then amount else 0 end), 0) as text) as debit_total
+            ${splitSum(`case when type = 'CREDIT' then amount else 0 end`, 'credit_total')},
+            ${splitSum(`case when type = 'DEBIT' then amount else 0 end`, 'debit_total')}
      from wallet_transactions`,
   );
   const lines = await one(`select count(*) as n from line_items`);
@@ -287,11 +316,11 @@ async function readCounts(em: EntityManager): Promise<InvariantCounts> {
     users: Number(users.n),
     deletedUsers: Number(users.deleted ?? 0),
     wallets: Number(wallets.n),
-    totalBalance: BigInt(wallets.total as string),
+    totalBalance: joinSplit(wallets.total_hi, wallets.total_lo),
     credits: Number(ledger.credits ?? 0),
     debits: Number(ledger.debits ?? 0),
-    creditTotal: BigInt(ledger.credit_total as string),
-    debitTotal: BigInt(ledger.debit_total as string),
+    creditTotal: joinSplit(ledger.credit_total_hi, ledger.credit_total_lo),
+    debitTotal: joinSplit(ledger.debit_total_hi, ledger.debit_total_lo),
     billingRecords: await byStatus('billing_records', ['PENDING', 'PAID', 'FAILED'] as const),
     lineItems: Number(lines.n),
     usageLogs: await byStatus('usage_logs', ['PENDING', 'BILLED', 'REJECTED'] as const),

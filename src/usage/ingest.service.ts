@@ -19,7 +19,7 @@ import { isPostgres } from '../db/platform';
 import { rawSql, type RawSql } from '../db/raw';
 import { int64 } from '../db/types';
 import type { Clock } from '../shared/clock';
-import { formatDecimal, lineAmount, QUANTITY_SCALE } from '../shared/money';
+import { formatDecimal, INT64_MAX, lineAmount, QUANTITY_SCALE } from '../shared/money';
 import { rejectedIdentity, usageIdentity, type IdentityKind } from './identity';
 import { readUsageFile, UsageFileError, type RawEntry } from './parser';
 import { validateEntry } from './validate';
@@ -151,8 +151,15 @@ function digestBits(text: string): { bytes: Buffer; extra: number } {
 
 type UserState = 'live' | 'deleted' | 'unknown';
 
-/** One user's usage billed by this run: total quantity and entry count per service. */
-type UserTotals = Map<string, { quantity: bigint; n: number }>;
+/** One user's usage billed by this run: per service the total quantity, its priced amount and the entry count. */
+type UserTotals = Map<string, { quantity: bigint; amount: bigint; n: number }>;
+
+/**
+ * Why a billable entry waits: billing it in this run would take its line's
+ * quantity or amount, or its record's amount, past the largest 64-bit value
+ * the database holds exactly. A later run bills it (with a record of its own).
+ */
+export const OVER_RECORD_LIMIT = 'OVER_RECORD_LIMIT';
 
 interface Candidate {
   kind: IdentityKind;
@@ -191,9 +198,10 @@ export function createIngestService(deps: IngestDeps): IngestService {
     /** user -> its record of this run, in the order records are allocated. */
     const recordOf = new Map<number, number>();
     const totals = new Map<number, UserTotals>();
-    /** Users with PENDING usage from earlier runs that is billable now: user -> entries expected. */
-    const earlier = new Map<number, number>();
-    let maxIdBefore = 0;
+    /** Each user's record amount so far: the sum of its lines' amounts. */
+    const recordAmount = new Map<number, bigint>();
+    /** PENDING usage of earlier runs that this run bills: user -> the ids of those entries. */
+    const earlier = new Map<number, number[]>();
     let nextRecordId = 0;
     let accepted = 0;
     let rejected = 0;
@@ -211,16 +219,31 @@ export function createIngestService(deps: IngestDeps): IngestService {
       if (failure) throw failure;
     };
 
-    function add(userId: number, service: string, quantity: bigint, n: number): void {
+    /**
+     * Adds a billable entry to its user's line for the service, unless that
+     * would take the line's quantity or amount, or the record's amount, past
+     * INT64_MAX (then it changes nothing and returns false: the entry waits
+     * with OVER_RECORD_LIMIT). Amounts are exact: the line is priced again
+     * from its whole quantity, rounded once.
+     */
+    function add(userId: number, service: string, quantity: bigint): boolean {
+      const line = totals.get(userId)?.get(service);
+      const newQuantity = (line?.quantity ?? 0n) + quantity;
+      if (newQuantity > INT64_MAX) return false;
+      const newAmount = lineAmount(newQuantity, pricing.get(service)!);
+      const newRecordAmount = (recordAmount.get(userId) ?? 0n) - (line?.amount ?? 0n) + newAmount;
+      if (newAmount > INT64_MAX || newRecordAmount > INT64_MAX) return false;
       let t = totals.get(userId);
       if (!t) totals.set(userId, (t = new Map()));
-      const line = t.get(service);
       if (line) {
-        line.quantity += quantity;
-        line.n += n;
+        line.quantity = newQuantity;
+        line.amount = newAmount;
+        line.n++;
       } else {
-        t.set(service, { quantity, n });
+        t.set(service, { quantity: newQuantity, amount: newAmount, n: 1 });
       }
+      recordAmount.set(userId, newRecordAmount);
+      return true;
     }
 
     async function allocateRecords(userIds: number[]): Promise<void> {
@@ -370,18 +393,24 @@ export function createIngestService(deps: IngestDeps): IngestService {
     return {
       /** PENDING usage of earlier runs that is billable now joins this run's records. */
       async start(): Promise<void> {
-        const max = await tx.execute<{ m: number | string | null }[]>('select max(id) as m from usage_logs');
-        maxIdBefore = Number(max[0].m ?? 0);
+        // Entry by entry, oldest first (no SQL sum: it could overflow), each within the record limit.
         const cond = billable();
-        const groups = await tx.execute<{ user_id: number | string; service: string; quantity: string; n: number | string }[]>(
-          `select l.user_id, l.service, cast(sum(l.quantity) as text) as quantity, count(*) as n
-           from usage_logs l where ${cond.sql} group by l.user_id, l.service order by l.user_id, l.service`,
-          cond.params,
-        );
-        for (const g of groups) {
-          const userId = Number(g.user_id);
-          add(userId, g.service, int64(g.quantity), Number(g.n));
-          earlier.set(userId, (earlier.get(userId) ?? 0) + Number(g.n));
+        let afterId = 0;
+        for (;;) {
+          const rows = await tx.execute<{ id: number | string; user_id: number | string; service: string; quantity: string }[]>(
+            `select l.id, l.user_id, l.service, cast(l.quantity as text) as quantity
+             from usage_logs l where l.id > ? and ${cond.sql} order by l.id limit 5000`,
+            [afterId, ...cond.params],
+          );
+          if (rows.length === 0) break;
+          for (const r of rows) {
+            const userId = Number(r.user_id);
+            if (!add(userId, r.service, int64(r.quantity))) continue;
+            let ids = earlier.get(userId);
+            if (!ids) earlier.set(userId, (ids = []));
+            ids.push(Number(r.id));
+          }
+          afterId = Number(rows[rows.length - 1].id);
         }
         await allocateRecords([...earlier.keys()]);
       },
@@ -393,31 +422,40 @@ export function createIngestService(deps: IngestDeps): IngestService {
         await drain();
         const fresh = await keyed(found);
         await lookUpUsers(fresh.flatMap((c) => (c.userId === null ? [] : [c.userId])));
+        // Decide each entry first (billed now, or why not), so that records are made only for users billed now.
+        const reasons: string[] = [];
         const newUsers = new Set<number>();
         for (const c of fresh) {
-          if (c.userId !== null && users.get(c.userId) === 'live' && pricing.has(c.service) && !recordOf.has(c.userId)) {
-            newUsers.add(c.userId);
+          if (c.userId === null) {
+            reasons.push(c.reason);
+            continue;
+          }
+          const state = users.get(c.userId);
+          if (state === 'unknown') reasons.push('UNKNOWN_USER');
+          else if (state === 'deleted') reasons.push('USER_DELETED');
+          else if (!pricing.has(c.service)) reasons.push('NO_PRICE');
+          else if (!add(c.userId, c.service, c.quantityScaled)) reasons.push(OVER_RECORD_LIMIT);
+          else {
+            reasons.push('');
+            if (!recordOf.has(c.userId)) newUsers.add(c.userId);
           }
         }
         await allocateRecords([...newUsers]);
         const at = now.getTime();
         const params: unknown[] = [];
-        for (const c of fresh) {
+        fresh.forEach((c, i) => {
           if (c.userId === null) {
             rejected++;
-            params.push(c.key, null, '', '0', null, 'REJECTED', c.reason, null, jobRunId, at);
-            continue;
+            params.push(c.key, null, '', '0', null, 'REJECTED', reasons[i], null, jobRunId, at);
+            return;
           }
           accepted++;
-          const state = users.get(c.userId);
-          if (state === 'live' && pricing.has(c.service)) {
-            add(c.userId, c.service, c.quantityScaled, 1);
+          if (reasons[i] === '') {
             params.push(c.key, c.userId, c.service, c.quantity, c.usageAt, 'BILLED', '', recordOf.get(c.userId), jobRunId, at);
           } else {
-            const reason = state === 'unknown' ? 'UNKNOWN_USER' : state === 'deleted' ? 'USER_DELETED' : 'NO_PRICE';
-            params.push(c.key, c.userId, c.service, c.quantity, c.usageAt, 'PENDING', reason, null, jobRunId, at);
+            params.push(c.key, c.userId, c.service, c.quantity, c.usageAt, 'PENDING', reasons[i], null, jobRunId, at);
           }
-        }
+        });
         enqueue(() => insertRows(params));
       },
 
@@ -433,11 +471,8 @@ export function createIngestService(deps: IngestDeps): IngestService {
           const t = totals.get(userId)!;
           const priced = [...t.entries()]
             .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
-            .map(([service, l]) => {
-              const unitPrice = pricing.get(service)!;
-              return { service, quantity: l.quantity, unitPrice, amount: lineAmount(l.quantity, unitPrice) };
-            });
-          const total = priced.reduce((sum, l) => sum + l.amount, 0n);
+            .map(([service, l]) => ({ service, quantity: l.quantity, unitPrice: pricing.get(service)!, amount: l.amount }));
+          const total = recordAmount.get(userId)!;
           const description = `Usage: ${priced.map((l) => `${formatDecimal(l.quantity, QUANTITY_SCALE)} ${l.service}`).join(', ')} (job run ${jobRunId})`;
           records.push([recordId, total.toString(), description]);
           for (const l of priced) lines.push([recordId, l.service, l.quantity.toString(), l.unitPrice.toString(), l.amount.toString()]);
@@ -464,16 +499,18 @@ export function createIngestService(deps: IngestDeps): IngestService {
             'run',
           );
         }
-        const cond = billable();
-        for (const [userId, expected] of earlier) {
-          const linked = await tx.execute<{ affectedRows: number }>(
-            `update usage_logs set status = 'BILLED', reason = '', billing_record_id = ? where user_id = ? and id in (
-               select l.id from usage_logs l where l.user_id = ? and l.id <= ? and ${cond.sql})`,
-            [recordOf.get(userId), userId, userId, maxIdBefore, ...cond.params],
-            'run',
-          );
-          // Another writer billed some of these entries first: undo the whole run rather than bill twice.
-          if (linked.affectedRows !== expected) throw new Error(`usage of user ${userId} changed while billing; run aborted`);
+        for (const [userId, ids] of earlier) {
+          for (let i = 0; i < ids.length; i += 500) {
+            const part = ids.slice(i, i + 500);
+            const linked = await tx.execute<{ affectedRows: number }>(
+              `update usage_logs set status = 'BILLED', reason = '', billing_record_id = ?
+               where user_id = ? and status = 'PENDING' and id in (${part.map(() => '?').join(', ')})`,
+              [recordOf.get(userId), userId, ...part],
+              'run',
+            );
+            // Another writer billed some of these entries first: undo the whole run rather than bill twice.
+            if (linked.affectedRows !== part.length) throw new Error(`usage of user ${userId} changed while billing; run aborted`);
+          }
         }
         return { ids: ids.sort((a, b) => a - b), accepted, rejected };
       },
@@ -487,13 +524,15 @@ export function createIngestService(deps: IngestDeps): IngestService {
 
   /** Says why each entry of an earlier run that stays PENDING is not billed yet; returns how many are PENDING. */
   async function explainPending(tx: EntityManager, jobRunId: number): Promise<number> {
+    const priced = pricedServices.length === 0 ? `''` : pricedServices.map(() => '?').join(', ');
     await tx.execute(
       `update usage_logs set reason = case
          when not exists (select 1 from users u where u.id = usage_logs.user_id) then 'UNKNOWN_USER'
          when exists (select 1 from users u where u.id = usage_logs.user_id and u.deleted_at is not null) then 'USER_DELETED'
-         else 'NO_PRICE' end
+         when usage_logs.service not in (${priced}) then 'NO_PRICE'
+         else '${OVER_RECORD_LIMIT}' end
        where status = 'PENDING' and (job_run_id is null or job_run_id <> ?)`,
-      [jobRunId],
+      [...pricedServices, jobRunId],
       'run',
     );
     const rows = await tx.execute<{ n: number | string }[]>(`select count(*) as n from usage_logs where status = 'PENDING'`);

@@ -2,6 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
+import { checkInvariants } from '../../src/ops/invariants';
 import { call, money, startTestApp, type TestApp } from '../helpers/harness';
 import { appendNdjson, entry, writeJsonArray, writeNdjson } from '../helpers/usage';
 
@@ -58,6 +59,51 @@ describe('usage ingestion', () => {
     expect(amountOf(balance)).toBe('946.000000');
     const logs = await usageLogs(t);
     expect(logs.every((l) => l.status === S.USAGE_LOG_STATUS_BILLED && l.billingRecordId > 0n)).toBe(true);
+  });
+
+  it("a run whose total for one user and service would pass int64 bills what fits exactly, keeps the rest PENDING with a reason, and bills everyone else", async () => {
+    await start();
+    await createUsers(t, 2, '0');
+    // Bandwidth in bytes: ten valid entries of 999,999,999,999 units add up to more than 2^63 - 1 micro-units.
+    const big = '999999999999';
+    write10();
+    function write10() {
+      writeNdjson(file, [
+        ...Array.from({ length: 10 }, (_, i) => entry(1, 'bandwidth', big, { id: `big-${i}` })),
+        entry(2, 'api-calls', 100, { id: 'small-1' }),
+      ]);
+    }
+    const first = await processLogs(t);
+    expect(first.status).toBe(jobPb.JobRunStatus.JOB_RUN_STATUS_SUCCEEDED);
+    expect({ accepted: first.entriesAccepted, pending: first.entriesPending, records: first.billingRecordsCreated }).toEqual({
+      accepted: 11n,
+      pending: 1n,
+      records: 2n,
+    });
+    const [r1] = await records(t, 1n);
+    // Nine entries fit: the quantity and amount are exact (x 0.02), not saturated.
+    expect(r1.lineItems.map((l) => [l.service, l.quantity, amountOf(l.amount)])).toEqual([
+      ['bandwidth', '8999999999991', '179999999999.820000'],
+    ]);
+    expect(amountOf(r1.amount)).toBe('179999999999.820000');
+    const [r2] = await records(t, 2n);
+    expect(amountOf(r2.amount)).toBe('1.000000');
+    const waiting = await usageLogs(t, S.USAGE_LOG_STATUS_PENDING);
+    expect(waiting.map((l) => [l.userId, l.quantity, l.reason])).toEqual([[1n, big, 'OVER_RECORD_LIMIT']]);
+    expect((await checkInvariants(t.app.orm.em)).violations).toEqual([]);
+
+    // The next run bills the entry that waited, in a record of its own; nothing is billed twice.
+    const second = await processLogs(t);
+    expect(second.status).toBe(jobPb.JobRunStatus.JOB_RUN_STATUS_SUCCEEDED);
+    expect({ duplicate: second.entriesDuplicate, pending: second.entriesPending, records: second.billingRecordsCreated }).toEqual({
+      duplicate: 11n,
+      pending: 0n,
+      records: 1n,
+    });
+    const user1 = await records(t, 1n);
+    expect(user1.map((r) => r.lineItems.map((l) => l.quantity))).toEqual([['8999999999991'], [big]]);
+    expect((await usageLogs(t, S.USAGE_LOG_STATUS_BILLED)).length).toBe(11);
+    expect((await checkInvariants(t.app.orm.em)).violations).toEqual([]);
   });
 
   it.each([

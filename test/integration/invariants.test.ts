@@ -268,6 +268,48 @@ describe('the invariant checker', () => {
     expect(rulesOf(report)).toEqual(['usage_matches_line_items']);
   });
 
+  it('keeps working when the usage it sums passes 2^63: it reports the broken rule instead of failing', async () => {
+    let exact = 0n;
+    const report = await corrupted(async (tx) => {
+      const pair = await one(
+        tx,
+        `select billing_record_id, service from usage_logs where status = 'BILLED'
+         group by billing_record_id, service having count(*) >= 2 order by billing_record_id`,
+      );
+      const linked = await tx.execute<Row[]>(
+        `select cast(quantity as text) as q from usage_logs where billing_record_id = ? and service = ? and status = 'BILLED' order by id`,
+        [pair.billing_record_id, pair.service],
+      );
+      exact = 18_000_000_000_000_000_000n + linked.slice(2).reduce((sum, r) => sum + BigInt(r.q as string), 0n);
+      // Two entries of 9 x 10^18 each: their sum does not fit a 64-bit integer (SQLite's sum() refuses it).
+      await tx.execute(
+        `update usage_logs set quantity = 9000000000000000000 where id in (
+           select id from usage_logs where billing_record_id = ? and service = ? and status = 'BILLED' order by id limit 2)`,
+        [pair.billing_record_id, pair.service],
+      );
+    });
+    expect(rulesOf(report)).toEqual(['usage_matches_line_items']);
+    expect(report.violations[0].detail).toContain(`add up to ${exact}`);
+  });
+
+  it('keeps counting totals past 2^63 exactly', async () => {
+    const report = await corrupted(async (tx) => {
+      // Balances that sum past 2^63 - 1 across wallets (each one within range and matching a ledger row).
+      for (const { user_id: id } of await tx.execute<Row[]>(`select user_id from wallets w join users u on u.id = w.user_id where u.deleted_at is null order by user_id limit 2`)) {
+        const [w] = await tx.execute<Row[]>('select cast(balance as text) as b from wallets where user_id = ?', [id]);
+        const add = 5000000000000000000n;
+        await tx.execute('update wallets set balance = balance + cast(? as bigint) where user_id = ?', [add.toString(), id]);
+        await tx.execute(
+          `insert into wallet_transactions (user_id, type, amount, balance_after, created_at) values (?, 'CREDIT', cast(? as bigint), cast(? as bigint), 0)`,
+          [id, add.toString(), (BigInt(w.b as string) + add).toString()],
+        );
+      }
+    });
+    expect(report.violations).toEqual([]);
+    expect(report.counts.totalBalance).toBe(report.counts.creditTotal - report.counts.debitTotal);
+    expect(report.counts.totalBalance > 10_000_000_000_000_000_000n - 1n).toBe(true);
+  });
+
   /** The deleted user of the fixture: nothing owed, nothing left. */
   const deletedUser = (tx: EntityManager) => one(tx, `select id from users where deleted_at is not null order by id`);
 
