@@ -74,6 +74,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       log,
       pricing: config.pricing,
       logFilePath: config.logFilePath,
+      readTimeoutMs: config.usageReadTimeoutMs,
       maxFutureSkewMs: config.maxFutureSkewMs,
       billing,
     });

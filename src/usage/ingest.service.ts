@@ -21,7 +21,7 @@ import { int64 } from '../db/types';
 import type { Clock } from '../shared/clock';
 import { formatDecimal, INT64_MAX, lineAmount, QUANTITY_SCALE } from '../shared/money';
 import { rejectedIdentity, usageIdentity, type IdentityKind } from './identity';
-import { readUsageFile, UsageFileError, type RawEntry } from './parser';
+import { readUsageFile, UsageFileError, UsageSourceError, type RawEntry } from './parser';
 import { validateEntry } from './validate';
 import { emptyCounts, type JobCounts } from '../jobs/job-run.entity';
 
@@ -40,6 +40,8 @@ export interface IngestDeps {
   log: Logger;
   pricing: ReadonlyMap<string, bigint>;
   logFilePath: string;
+  /** Longest that opening the usage file or one read of it may take (USAGE_READ_TIMEOUT_MS). */
+  readTimeoutMs: number;
   maxFutureSkewMs: number;
   billing: BillingService;
 }
@@ -543,43 +545,59 @@ export function createIngestService(deps: IngestDeps): IngestService {
     async ingest(rootEm, jobRunId) {
       const em = rootEm.fork();
       const counts: IngestCounts = { ...emptyCounts(), notice: '' };
-      const recordIds = await em.transactional(async (tx) => {
-        // One ingestion at a time across replicas on PostgreSQL (SQLite has a single writer anyway).
-        if (isPostgres(tx)) await tx.execute(`select pg_advisory_xact_lock(72010001)`);
-        const now = clock.now();
-        const sql = await rawSql(tx);
-        const run = createRun(tx, sql, jobRunId, now);
-        try {
-          await run.start();
+      const unusable = (why: string) => new UsageFileUnusable(`usage log file ${deps.logFilePath} is unusable, nothing was billed: ${why}`);
+      // Open the file, check it is a regular file and read its first batch before the write transaction starts:
+      // a FIFO, a hung mount or a missing file never holds the database's writer.
+      const batches = readUsageFile(deps.logFilePath, { batchSize: BATCH_ENTRIES, readTimeoutMs: deps.readTimeoutMs });
+      let first: IteratorResult<RawEntry[], unknown>;
+      try {
+        first = await batches.next();
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+          log.warn({ path: deps.logFilePath }, 'usage log file not found; nothing to ingest');
+          first = { done: true, value: undefined };
+          counts.notice = `usage log file not found: ${deps.logFilePath} (no data)`;
+        } else if (err instanceof UsageFileError || err instanceof UsageSourceError) {
+          throw unusable(err.message);
+        } else {
+          throw err;
+        }
+      }
+      let recordIds: number[];
+      try {
+        recordIds = await em.transactional(async (tx) => {
+          // One ingestion at a time across replicas on PostgreSQL (SQLite has a single writer anyway).
+          if (isPostgres(tx)) await tx.execute(`select pg_advisory_xact_lock(72010001)`);
+          const now = clock.now();
+          const sql = await rawSql(tx);
+          const run = createRun(tx, sql, jobRunId, now);
           try {
-            const batches = readUsageFile(deps.logFilePath, { batchSize: BATCH_ENTRIES });
-            for await (const batch of batches) {
-              counts.entriesRead += batch.length;
-              await run.batch(batch);
-            }
-          } catch (err) {
-            if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
-              counts.notice = `usage log file not found: ${deps.logFilePath} (no data)`;
-              log.warn({ path: deps.logFilePath }, 'usage log file not found; nothing to ingest');
-            } else if (err instanceof UsageFileError) {
-              throw new UsageFileUnusable(`usage log file ${deps.logFilePath} is unusable, nothing was billed: ${err.message}`);
-            } else {
+            await run.start();
+            try {
+              for (let next = first; !next.done; next = await batches.next()) {
+                counts.entriesRead += next.value.length;
+                await run.batch(next.value);
+              }
+            } catch (err) {
+              if (err instanceof UsageFileError || err instanceof UsageSourceError) throw unusable(err.message);
               throw err;
             }
+            const done = await run.finish();
+            counts.entriesAccepted = done.accepted;
+            counts.entriesRejected = done.rejected;
+            counts.entriesDuplicate = counts.entriesRead - done.accepted - done.rejected;
+            counts.entriesPending = await explainPending(tx, jobRunId);
+            return done.ids;
+          } catch (err) {
+            await run.abandon();
+            throw err;
+          } finally {
+            await sql.close();
           }
-          const done = await run.finish();
-          counts.entriesAccepted = done.accepted;
-          counts.entriesRejected = done.rejected;
-          counts.entriesDuplicate = counts.entriesRead - done.accepted - done.rejected;
-          counts.entriesPending = await explainPending(tx, jobRunId);
-          return done.ids;
-        } catch (err) {
-          await run.abandon();
-          throw err;
-        } finally {
-          await sql.close();
-        }
-      });
+        });
+      } finally {
+        await batches.return('empty'); // closes the file if the run stopped before its end (the value is unused)
+      }
       counts.billingRecordsCreated = recordIds.length;
       const charged = await deps.billing.chargeNewRecords(em, recordIds);
       Object.assign(counts, {

@@ -59,9 +59,20 @@ export class UsageFileError extends Error {
   }
 }
 
+/**
+ * The usage source cannot be read safely: it is not a regular file (a FIFO, a
+ * device or a directory could block or never end), or opening or reading it
+ * took longer than the read timeout (a hung network mount, say).
+ */
+export class UsageSourceError extends Error {
+  override readonly name = 'UsageSourceError';
+}
+
 export interface ReadOptions {
   /** Largest number of entries per yielded batch; default 1000. */
   batchSize?: number;
+  /** Longest that opening the file or any one read of it may take, in ms; default 30,000. */
+  readTimeoutMs?: number;
 }
 
 /** Longest accepted entry (an NDJSON line or an array element), in characters. */
@@ -73,6 +84,52 @@ export const RAW_PREVIEW_CHARS = 1024;
 
 const CHUNK_BYTES = 64 * 1024;
 const DEFAULT_BATCH_SIZE = 1000;
+const DEFAULT_READ_TIMEOUT_MS = 30_000;
+
+/** `work`, or a UsageSourceError once `ms` have passed (`abandon` then gets what `work` yields, if it ever does). */
+function within<T>(work: Promise<T>, ms: number, what: string, abandon: (value: T) => void = () => undefined): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      work.then(abandon, () => undefined);
+      reject(new UsageSourceError(`${what} took longer than ${ms} ms (is it on a hung mount?)`));
+    }, ms);
+  });
+  return Promise.race([work, timeout]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * Opens the usage file for reading without ever blocking on it: O_NONBLOCK so
+ * that opening a FIFO returns at once, then the opened file itself must be a
+ * regular file (checked on the descriptor, so the path cannot be swapped in
+ * between). Throws the fs error (ENOENT, ...) or a UsageSourceError.
+ */
+async function openRegularFile(path: string, timeoutMs: number): Promise<fs.promises.FileHandle> {
+  const handle = await within(fs.promises.open(path, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK), timeoutMs, 'opening the file', (h) => {
+    void h.close().catch(() => undefined);
+  });
+  try {
+    const stat = await within(handle.stat(), timeoutMs, 'reading the file status');
+    if (!stat.isFile()) {
+      const kind = stat.isFIFO() ? 'a FIFO' : stat.isDirectory() ? 'a directory' : stat.isSocket() ? 'a socket' : 'a device';
+      throw new UsageSourceError(`it is ${kind}, not a regular file`);
+    }
+    return handle;
+  } catch (err) {
+    await handle.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+/** The file's bytes in chunks; every read is bounded by the timeout. */
+async function* readChunks(handle: UsageFileHandle, timeoutMs: number): AsyncGenerator<Buffer> {
+  for (;;) {
+    const buffer = Buffer.allocUnsafe(CHUNK_BYTES);
+    const { bytesRead } = await within(handle.read(buffer, 0, CHUNK_BYTES, null), timeoutMs, 'a read of the file');
+    if (bytesRead === 0) return;
+    yield bytesRead === CHUNK_BYTES ? buffer : buffer.subarray(0, bytesRead);
+  }
+}
 
 // ---------------------------------------------------------------------------
 // The scanner
@@ -752,19 +809,33 @@ class Detector {
  * entries in file order, in arrays of at most `batchSize`. Returns the format.
  *
  * Throws UsageFileError when a JSON array is malformed or truncated (after
- * yielding all the entries before the problem), and the fs error (code
- * 'ENOENT', ...) when the file cannot be read. Bad NDJSON lines do not throw:
- * they are yielded as entries with `error` set.
+ * yielding all the entries before the problem), UsageSourceError when the
+ * path is not a regular file or a read stalls past `readTimeoutMs`, and the fs
+ * error (code 'ENOENT', ...) when the file cannot be read. Bad NDJSON lines do
+ * not throw: they are yielded as entries with `error` set.
  */
 export async function* readUsageFile(path: string, opts: ReadOptions = {}): AsyncGenerator<RawEntry[], UsageFileFormat> {
-  const batchSize = opts.batchSize ?? DEFAULT_BATCH_SIZE;
+  checkBatchSize(opts.batchSize ?? DEFAULT_BATCH_SIZE);
+  return yield* readUsageHandle(await openRegularFile(path, opts.readTimeoutMs ?? DEFAULT_READ_TIMEOUT_MS), opts);
+}
+
+function checkBatchSize(batchSize: number): void {
   if (!Number.isSafeInteger(batchSize) || batchSize < 1) {
     throw new RangeError(`batchSize must be a positive integer, got ${String(batchSize)}`);
   }
+}
+
+/** What readUsageHandle needs of an open file. */
+export type UsageFileHandle = Pick<fs.promises.FileHandle, 'read' | 'close'>;
+
+/** readUsageFile over a file already opened (and checked); closes it when done. */
+export async function* readUsageHandle(handle: UsageFileHandle, opts: ReadOptions = {}): AsyncGenerator<RawEntry[], UsageFileFormat> {
+  const batchSize = opts.batchSize ?? DEFAULT_BATCH_SIZE;
+  checkBatchSize(batchSize);
+  const readTimeoutMs = opts.readTimeoutMs ?? DEFAULT_READ_TIMEOUT_MS;
   const pending: RawEntry[] = [];
   const detector = new Detector(pending);
   const decoder = new StringDecoder('utf8');
-  const stream = fs.createReadStream(path, { highWaterMark: CHUNK_BYTES });
   let atStart = true;
   let taken = 0;
 
@@ -790,15 +861,20 @@ export async function* readUsageFile(path: string, opts: ReadOptions = {}): Asyn
     }
   }
 
-  for await (const chunk of stream as AsyncIterable<Buffer>) {
-    let text = decoder.write(chunk);
-    if (atStart && text.length > 0) {
-      if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
-      atStart = false;
+  try {
+    for await (const chunk of readChunks(handle, readTimeoutMs)) {
+      let text = decoder.write(chunk);
+      if (atStart && text.length > 0) {
+        if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+        atStart = false;
+      }
+      feedOrFlush(text, false);
+      if (failure) break;
+      yield* batches(false);
     }
-    feedOrFlush(text, false);
-    if (failure) break;
-    yield* batches(false);
+  } finally {
+    // Not awaited: closing waits for a read still in flight, and a stalled read may never end.
+    void handle.close().catch(() => undefined);
   }
   if (!failure) {
     let text = decoder.end();

@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as billingPb from '../../generated/billing/v1/billing_service';
@@ -254,6 +255,19 @@ describe('usage ingestion', () => {
     expect(run.status).toBe(jobPb.JobRunStatus.JOB_RUN_STATUS_SUCCEEDED);
     expect(run.entriesRead).toBe(0n);
     expect(run.errorMessage).toMatch(/not found/);
+  });
+
+  it('a usage path that is a FIFO fails the run at once with a clear reason, and writes keep flowing', async () => {
+    await start();
+    await createUsers(t, 1);
+    execFileSync('mkfifo', [file]); // nobody ever writes to it: reading it would block forever
+    const run = await call(t.jobs, 'processLogs', {}, { deadlineMs: 15_000 }).then((r) => r.jobRun!);
+    expect(run.status).toBe(jobPb.JobRunStatus.JOB_RUN_STATUS_FAILED);
+    expect(run.errorMessage).toContain('it is a FIFO, not a regular file');
+    // The writer was never held: a credit goes through, and no run is left RUNNING.
+    await call(t.wallets, 'addFunds', { userId: 1n, amount: money('1'), requestId: '' }, { deadlineMs: 5_000 });
+    const { jobRuns } = await call(t.jobs, 'listJobRuns', { pageSize: 10, pageToken: '' });
+    expect(jobRuns.map((r) => jobPb.JobRunStatus[r.status])).toEqual(['JOB_RUN_STATUS_FAILED']);
   });
 
   it('bills a suspended user like any other', async () => {

@@ -11,8 +11,12 @@ import {
   type ReadOptions,
   UsageFileError,
   type UsageFileFormat,
+  type UsageFileHandle,
+  UsageSourceError,
   readUsageFile,
+  readUsageHandle,
 } from '../../src/usage/parser';
+import { execFileSync } from 'child_process';
 
 let dir: string;
 let fileNo = 0;
@@ -339,6 +343,38 @@ describe('readUsageFile: NDJSON', () => {
     const { entries } = await readText('{"a":' + '['.repeat(100_000) + '\n{"b":1}\n');
     expect(entries[0].error).toContain('nesting deeper than');
     expect(values([entries[1]])).toEqual([{ b: 1 }]);
+  });
+});
+
+describe('readUsageFile: only a regular file, every read bounded', () => {
+  it('refuses a FIFO at once, without waiting for a writer', async () => {
+    const fifo = path.join(dir, `fifo${fileNo++}`);
+    execFileSync('mkfifo', [fifo]);
+    await expect(readAll(fifo)).rejects.toThrow(new UsageSourceError('it is a FIFO, not a regular file'));
+  });
+
+  it('refuses a directory and a device', async () => {
+    await expect(readAll(dir)).rejects.toThrow(new UsageSourceError('it is a directory, not a regular file'));
+    await expect(readAll('/dev/zero')).rejects.toThrow(new UsageSourceError('it is a device, not a regular file'));
+  });
+
+  it('fails a read that stalls (a hung mount) after the read timeout, and closes the file', async () => {
+    let closed = false;
+    let reads = 0;
+    const stalled: UsageFileHandle = {
+      read: ((buffer: Buffer) => {
+        reads++;
+        if (reads === 1) return Promise.resolve({ bytesRead: buffer.write('{"a":1}\n{"a":'), buffer });
+        return new Promise(() => undefined); // never answers
+      }) as UsageFileHandle['read'],
+      close: async () => {
+        closed = true;
+      },
+    };
+    const gen = readUsageHandle(stalled, { readTimeoutMs: 200 });
+    await expect(gen.next()).rejects.toThrow(/a read of the file took longer than 200 ms/);
+    expect(reads).toBe(2);
+    expect(closed).toBe(true);
   });
 });
 
