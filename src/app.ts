@@ -46,6 +46,8 @@ export interface AppOptions {
   log?: Logger;
   /** Start the real-time retry scheduler (default true). */
   scheduler?: boolean;
+  /** The scheduler's longest sleep between looks at the database, and its sweep interval (default 30 s). */
+  schedulerPollMs?: number;
 }
 
 export async function startApp(config: Readonly<Config>, opts: AppOptions = {}): Promise<App> {
@@ -68,7 +70,12 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       onRetryScheduled: (at) => scheduler?.wake(at),
     });
     const users = createUsersService({ clock });
-    const wallets = createWalletsService({ clock, log, settle: (em, userId) => billing.settleUser(em, userId) });
+    const wallets = createWalletsService({
+      clock,
+      log,
+      settle: (em, userId) => billing.settleUser(em, userId),
+      onSettleFailed: () => scheduler?.requestSweep(),
+    });
     const ingest = createIngestService({
       clock,
       log,
@@ -79,7 +86,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       billing,
     });
     const jobs = createJobsService({ em: orm.em, clock, log, ingest, billing });
-    scheduler = createRetryScheduler({ em: orm.em, clock, log, billing, jobs });
+    scheduler = createRetryScheduler({ em: orm.em, clock, log, billing, jobs, pollMs: opts.schedulerPollMs });
     const services: Services = { users, wallets, billing, jobs };
 
     const grpc = createGrpcServer({

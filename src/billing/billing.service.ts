@@ -180,7 +180,9 @@ export function createBillingService(deps: BillingDeps): BillingService {
       if (mode === 'new' && Number(row.attempt_count) > 0) return { outcome: 'SKIPPED', userSuspended: false, retryAt: null };
       const userId = Number(row.user_id);
       const amount = int64(row.amount);
-      const attempts = Number(row.attempt_count) + 1;
+      // attempt_count counts the attempts of the charge schedule (the first, the retries, manual ones); a
+      // settlement after a top-up is not one of them, paid or not.
+      const attempts = Number(row.attempt_count) + (mode === 'settle' ? 0 : 1);
       const paid = amount === 0n || (await debitWallet(tx, userId, amount, Number(row.id), now)) !== null;
       if (paid) {
         await updateRecord(
@@ -542,6 +544,21 @@ export function createBillingService(deps: BillingDeps): BillingService {
       return counts;
     },
 
+    async settleSweep(em) {
+      const counts = emptyRetryCounts();
+      const users = await em.execute<{ user_id: number | string }[]>(settleableUsersSql(SWEEP_USERS));
+      for (const { user_id } of users) {
+        const done = await this.settleUser(em, Number(user_id));
+        for (const k of Object.keys(done) as (keyof RetryCounts)[]) counts[k] += done[k];
+      }
+      if (counts.chargesSucceeded > 0) log.info({ users: users.length, ...counts }, 'settlement sweep');
+      return counts;
+    },
+
+    async hasSettleable(em) {
+      return (await rawRead(em, settleableUsersSql(1), [])).length > 0;
+    },
+
     chargeNewRecords: (em, ids) => chargeBatched(em, ids, 'new'),
 
     async processDueRetries(em) {
@@ -570,6 +587,20 @@ export function createBillingService(deps: BillingDeps): BillingService {
     },
   };
 }
+
+/** Users a sweep settles at most per call. */
+const SWEEP_USERS = 1000;
+
+/**
+ * Users with an unpaid record (already attempted: new records are charged by
+ * whoever created them) that their open wallet can pay now. Normally AddFunds
+ * settles at once; these are what a failed settlement, or a credit written
+ * while the record was being created, left behind.
+ */
+const settleableUsersSql = (limit: number): string =>
+  `select distinct r.user_id from billing_records r join wallets w on w.user_id = r.user_id
+   where r.status <> 'PAID' and r.attempt_count > 0 and w.closed_at is null and w.balance >= r.amount
+   order by r.user_id limit ${limit}`;
 
 function outcomeOf(status: BillingRecordStatus): ChargeOutcome {
   return status === 'PAID' ? 'CHARGED' : status === 'FAILED' ? 'FAILED' : 'RETRY_SCHEDULED';

@@ -48,6 +48,13 @@ export interface BillingService {
   ): Promise<{ items: UsageLog[]; nextPageToken: string }>;
   /** Charges a user's unpaid records oldest first; reactivates a user suspended for non-payment once none is left. */
   settleUser(em: EntityManager, userId: number): Promise<RetryCounts>;
+  /**
+   * Settles every user with an unpaid record that their wallet can pay now
+   * (what a failed settlement after a top-up left behind); not an attempt.
+   */
+  settleSweep(em: EntityManager): Promise<RetryCounts>;
+  /** True when settleSweep has something to settle. */
+  hasSettleable(em: EntityManager): Promise<boolean>;
   /** Charges records just created (their first attempt). */
   chargeNewRecords(em: EntityManager, ids: readonly number[]): Promise<RetryCounts>;
   /** Charges every PENDING record whose retry is due at `now`. */

@@ -46,8 +46,10 @@ export function createJobsService(deps: JobsDeps): JobsService {
     add(run, await deps.ingest.ingest(em, run.id));
   }
 
+  /** Due retries, then the settlement sweep (unpaid records the wallet can pay now). */
   async function processRetries(em: EntityManager, run: JobRun): Promise<void> {
     add(run, await deps.billing.processDueRetries(em));
+    add(run, await deps.billing.settleSweep(em));
   }
 
   async function execute(kind: JobKind, trigger: JobTrigger, periodKey: string | null = null): Promise<JobRun | null> {

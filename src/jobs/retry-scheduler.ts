@@ -3,7 +3,10 @@
  * database (billing_records.next_attempt_at), so a restarted process picks it
  * up where it stopped: on start the scheduler reads the earliest due time and
  * sets one timer for it. Charges that schedule a retry wake it early; a
- * periodic look catches retries scheduled by other replicas.
+ * periodic look catches retries scheduled by other replicas. The same look
+ * runs the settlement sweep when an unpaid record's wallet can pay it now (a
+ * settlement after a top-up failed, or ran on another replica that died), and
+ * a failed settlement asks for a sweep within a second.
  */
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Logger } from 'pino';
@@ -16,6 +19,8 @@ export interface RetryScheduler {
   stop(): Promise<void>;
   /** A retry is due at `at`: make sure the timer fires by then. */
   wake(at: Date): void;
+  /** A settlement failed: sweep for settleable records soon. */
+  requestSweep(): void;
 }
 
 export interface RetrySchedulerDeps {
@@ -35,6 +40,7 @@ export function createRetryScheduler(deps: RetrySchedulerDeps): RetryScheduler {
   let timerAt = Infinity;
   let stopped = true;
   let loop: Promise<void> = Promise.resolve();
+  let lastSweep = -Infinity;
 
   function arm(atMs: number): void {
     if (stopped) return;
@@ -55,10 +61,13 @@ export function createRetryScheduler(deps: RetrySchedulerDeps): RetryScheduler {
     if (stopped) return;
     try {
       const em = deps.em.fork();
+      const now = clock.now().getTime();
       const due = await deps.billing.nextDueTime(em);
-      if (due && due.getTime() <= clock.now().getTime()) {
-        await deps.jobs.run('PROCESS_RETRIES', 'scheduler');
+      const sweep = now - lastSweep >= pollMs;
+      if ((due && due.getTime() <= now) || (sweep && (await deps.billing.hasSettleable(em)))) {
+        await deps.jobs.run('PROCESS_RETRIES', 'scheduler'); // due retries, then the settlement sweep
       }
+      if (sweep) lastSweep = now;
       const next = await deps.billing.nextDueTime(deps.em.fork());
       arm(next ? next.getTime() : Infinity);
     } catch (err) {
@@ -80,6 +89,10 @@ export function createRetryScheduler(deps: RetrySchedulerDeps): RetryScheduler {
     },
     wake(at) {
       arm(at.getTime());
+    },
+    requestSweep() {
+      lastSweep = -Infinity;
+      arm(clock.now().getTime() + 1000);
     },
   };
 }

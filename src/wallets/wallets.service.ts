@@ -146,10 +146,11 @@ export interface WalletsDeps {
   /**
    * Called after a credit commits, and again when the credit's request_id is
    * replayed: charges the user's unpaid records (the billing engine's
-   * settlement). Its failure never undoes the credit; the retry scheduler or a
-   * later top-up or replay settles instead.
+   * settlement). Its failure never undoes the credit: it is logged and
+   * `onSettleFailed` asks the retry scheduler's settlement sweep to finish it.
    */
   settle?: (em: EntityManager, userId: number) => Promise<unknown>;
+  onSettleFailed?: () => void;
 }
 
 export function createWalletsService(deps: WalletsDeps): WalletsService {
@@ -228,7 +229,10 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
       // Settle on a replay too: the first call may have died between the credit's commit and its settlement, and
       // settling twice is harmless (each record is charged at most once).
       if (settle) {
-        await settle(em, userId).catch((err: unknown) => log.error({ err, userId }, 'settling after AddFunds failed'));
+        await settle(em, userId).catch((err: unknown) => {
+          log.error({ err, userId }, 'settling after AddFunds failed; the settlement sweep will finish it');
+          deps.onSettleFailed?.();
+        });
       }
       return result;
     },

@@ -245,6 +245,43 @@ describe('retries, suspension and settlement (injected clock)', () => {
     await invariantsHold(t);
   });
 
+  it('a record settled after it FAILED keeps its attempt count: 6 attempts, the settlement is not one', async () => {
+    clock = new FakeClock();
+    t = await startTestApp({}, { clock, scheduler: false });
+    const userId = await newUser(t, '0');
+    const id = (await createRecord(t, userId, '5')).billingRecord!.id;
+    for (const delay of [1000, 2000, 4000, 8000, 16000]) {
+      clock.advance(delay);
+      await retries();
+    }
+    expect([(await record(id)).status, (await record(id)).attemptCount]).toEqual([R.BILLING_RECORD_STATUS_FAILED, 6]);
+    await call(t.wallets, 'addFunds', { userId, amount: money('5'), requestId: '' });
+    const paid = await record(id);
+    expect([paid.status, paid.attemptCount]).toEqual([R.BILLING_RECORD_STATUS_PAID, 6]);
+  });
+
+  it('ProcessRetries settles an unpaid record that a committed top-up did not settle (its settlement failed)', async () => {
+    clock = new FakeClock();
+    t = await startTestApp({ MAX_RETRIES: '0' }, { clock, scheduler: false });
+    const userId = await newUser(t, '0');
+    const failed = (await createRecord(t, userId, '3')).billingRecord!;
+    const other = await newUser(t, '0');
+    const short = (await createRecord(t, other, '3')).billingRecord!;
+    expect([failed.status, short.status]).toEqual([R.BILLING_RECORD_STATUS_FAILED, R.BILLING_RECORD_STATUS_FAILED]);
+    // The credit committed; the settlement that should have followed never ran.
+    await creditWithoutSettling(t, userId, 5_000_000n);
+    await creditWithoutSettling(t, other, 1_000_000n); // not enough: nothing to settle
+    const run = await retries();
+    expect(run.chargesSucceeded).toBe(1n);
+    expect([(await record(failed.id)).status, (await record(short.id)).status]).toEqual([
+      R.BILLING_RECORD_STATUS_PAID,
+      R.BILLING_RECORD_STATUS_FAILED,
+    ]);
+    expect((await call(t.users, 'getUser', { id: userId })).user!.status).toBe(userPb.UserStatus.USER_STATUS_ACTIVE);
+    expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('2.000000');
+    await invariantsHold(t);
+  });
+
   it('a manual suspension is not lifted by settlement', async () => {
     clock = new FakeClock();
     t = await startTestApp({}, { clock, scheduler: false });
@@ -297,5 +334,19 @@ describe('the real-time retry scheduler', () => {
       (r) => r.status === R.BILLING_RECORD_STATUS_PAID,
     );
     expect(paid.attemptCount).toBe(2);
+  });
+
+  it('settles by itself a FAILED record whose wallet can pay now, with no top-up call and no trigger', async () => {
+    t = await startTestApp({ MAX_RETRIES: '0' }, { schedulerPollMs: 300 });
+    const userId = await newUser(t, '0');
+    const failed = (await createRecord(t, userId, '2')).billingRecord!;
+    expect(failed.status).toBe(R.BILLING_RECORD_STATUS_FAILED);
+    await creditWithoutSettling(t, userId, 2_000_000n); // a top-up whose settlement failed after its commit
+    const paid = await waitFor(
+      async () => (await call(t.billing, 'getBillingRecord', { id: failed.id })).billingRecord!,
+      (r) => r.status === R.BILLING_RECORD_STATUS_PAID,
+    );
+    expect([paid.status, paid.attemptCount]).toEqual([R.BILLING_RECORD_STATUS_PAID, 1]);
+    expect((await call(t.users, 'getUser', { id: userId })).user!.status).toBe(userPb.UserStatus.USER_STATUS_ACTIVE);
   });
 });
