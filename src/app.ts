@@ -48,6 +48,8 @@ export interface AppOptions {
   scheduler?: boolean;
   /** The scheduler's longest sleep between looks at the database, and its sweep interval (default 30 s). */
   schedulerPollMs?: number;
+  /** A RUNNING job run's lease (default 60 s; see JobsDeps.leaseMs). */
+  jobLeaseMs?: number;
 }
 
 export async function startApp(config: Readonly<Config>, opts: AppOptions = {}): Promise<App> {
@@ -85,7 +87,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       maxFutureSkewMs: config.maxFutureSkewMs,
       billing,
     });
-    const jobs = createJobsService({ em: orm.em, clock, log, ingest, billing });
+    const jobs = createJobsService({ em: orm.em, clock, log, ingest, billing, leaseMs: opts.jobLeaseMs });
     scheduler = createRetryScheduler({ em: orm.em, clock, log, billing, jobs, pollMs: opts.schedulerPollMs });
     const services: Services = { users, wallets, billing, jobs };
 
@@ -101,6 +103,8 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
     const port = await grpc.bind(config.grpcHost, config.grpcPort);
     // SQLite belongs to this one process: a run still RUNNING was cut off by a previous stop.
     if (config.database.kind === 'sqlite') await jobs.closeInterruptedRuns();
+    // Any replica closes runs whose process stopped renewing their lease (died, or lost the database for good).
+    jobs.startReaper();
     if (opts.scheduler !== false) await scheduler.start();
     const cron = config.ingestCron ? createCron({ expression: config.ingestCron, jobs, log }) : null;
     cron?.start();
@@ -118,6 +122,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
         await grpc.shutdown(config.shutdownGraceMs);
         await scheduler!.stop();
         await cron?.idle();
+        await jobs.stopReaper();
         await orm.close();
         log.info('billing-service stopped');
       })());

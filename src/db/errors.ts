@@ -18,7 +18,8 @@ export function isTransientDbError(err: unknown): boolean {
   }
   const code = (err as { code?: unknown })?.code;
   // A connection that died inside a transaction: knex refuses the transaction's next query.
-  if (/Transaction query already complete|Connection terminated|connection is closed|Client has encountered a connection error/i.test(String((err as Error)?.message))) {
+  // Or a database that refuses new connections for a while (ALTER DATABASE ... ALLOW_CONNECTIONS false, 55000).
+  if (/Transaction query already complete|Connection terminated|connection is closed|Client has encountered a connection error|is not currently accepting connections/i.test(String((err as Error)?.message))) {
     return true;
   }
   // PostgreSQL classes 08 (connection exception) and 57P (operator intervention: shutdown, terminated backend).

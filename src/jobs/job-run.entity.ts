@@ -51,6 +51,8 @@ export class JobRun implements JobCounts {
   errorMessage = '';
   /** For scheduled runs: the job and cron tick this run claimed (unique across replicas). */
   periodKey: string | null = null;
+  /** While RUNNING: when its process last said it is still working (see JobsDeps.leaseMs). */
+  heartbeatAt: Date | null = null;
 
   constructor(kind: JobKind, trigger: string, now: Date) {
     this.kind = kind;
@@ -83,5 +85,6 @@ export const JobRunSchema = new EntitySchema<JobRun>({
     usersSuspended: count,
     errorMessage: { type: 'text' },
     periodKey: { type: 'string', nullable: true },
+    heartbeatAt: { type: EpochMsType, nullable: true },
   },
 });

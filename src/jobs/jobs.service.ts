@@ -19,7 +19,18 @@ export interface JobsDeps {
   log: Logger;
   ingest: IngestService;
   billing: BillingService;
+  /**
+   * A RUNNING run's lease (default 60 s): its process renews heartbeat_at every
+   * quarter of it, and any process closes a run of another process whose
+   * heartbeat is older than this (its owner died or lost the database).
+   */
+  leaseMs?: number;
 }
+
+/** How long closing a run keeps trying while the database is away, before the lease takes over. */
+const CLOSE_RETRY_DELAYS_MS = [100, 250, 500, 1000, 2000, 4000, 8000];
+
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
 type CountsDelta = { [K in keyof JobCounts]?: number } & { notice?: string };
 
@@ -40,7 +51,49 @@ function describe(err: unknown): string {
 
 export function createJobsService(deps: JobsDeps): JobsService {
   const { clock, log } = deps;
+  const leaseMs = deps.leaseMs ?? 60_000;
   const inFlight = new Map<JobKind, Promise<JobRun | null>>();
+  /** Runs this process is executing: never reaped here, whatever their heartbeat says. */
+  const mine = new Set<number>();
+  let reaper: NodeJS.Timeout | null = null;
+  let reaping: Promise<unknown> = Promise.resolve();
+
+  /** Renews the run's lease until stopped; a failed renewal is logged and tried again at the next beat. */
+  function heartbeat(runId: number): () => void {
+    let busy = false;
+    const timer = setInterval(() => {
+      if (busy) return;
+      busy = true;
+      deps.em
+        .fork()
+        .nativeUpdate(JobRun, { id: runId, status: 'RUNNING' }, { heartbeatAt: clock.now() })
+        .catch((err: unknown) => log.warn({ err, jobRunId: runId }, 'job run heartbeat failed'))
+        .finally(() => (busy = false));
+    }, Math.max(10, Math.floor(leaseMs / 4)));
+    timer.unref();
+    return () => clearInterval(timer);
+  }
+
+  /**
+   * Writes the run's outcome, trying again while the database is away (a
+   * restart, say). If it never comes back in time the heartbeat stops with
+   * this process's work and another process's reaper closes the run.
+   */
+  async function close(run: JobRun): Promise<void> {
+    const { id, status, endedAt, errorMessage } = run;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await deps.em.fork().nativeUpdate(JobRun, { id, status: 'RUNNING' }, { status, endedAt, errorMessage, heartbeatAt: null, ...countsOf(run) });
+        return;
+      } catch (err) {
+        if (!isTransientDbError(err) || attempt >= CLOSE_RETRY_DELAYS_MS.length) {
+          log.error({ err, jobRunId: id, status }, 'could not record the end of a job run; its lease will close it');
+          return;
+        }
+        await sleep(CLOSE_RETRY_DELAYS_MS[attempt]);
+      }
+    }
+  }
 
   async function processLogs(em: EntityManager, run: JobRun): Promise<void> {
     add(run, await deps.ingest.ingest(em, run.id));
@@ -56,6 +109,7 @@ export function createJobsService(deps: JobsDeps): JobsService {
     const em = deps.em.fork();
     const run = new JobRun(kind, trigger, clock.now());
     run.periodKey = periodKey;
+    run.heartbeatAt = run.startedAt;
     try {
       await em.persistAndFlush(run);
     } catch (err) {
@@ -65,6 +119,8 @@ export function createJobsService(deps: JobsDeps): JobsService {
       }
       throw err;
     }
+    mine.add(run.id);
+    const stopHeartbeat = heartbeat(run.id);
     try {
       if (kind === 'PROCESS_LOGS' || kind === 'PROCESS_ALL') await processLogs(em, run);
       if (kind === 'PROCESS_RETRIES' || kind === 'PROCESS_ALL') await processRetries(em, run);
@@ -77,7 +133,13 @@ export function createJobsService(deps: JobsDeps): JobsService {
       else log.error({ err, jobRunId: run.id, kind }, 'job run failed');
     }
     run.endedAt = clock.now();
-    await em.flush();
+    run.heartbeatAt = null;
+    try {
+      await close(run);
+    } finally {
+      stopHeartbeat();
+      mine.delete(run.id);
+    }
     log.info({ jobRunId: run.id, kind, trigger, status: run.status, ...countsOf(run) }, 'job run finished');
     return run;
   }
@@ -107,6 +169,45 @@ export function createJobsService(deps: JobsDeps): JobsService {
         await before;
         return execute(kind, 'cron', periodKey);
       });
+    },
+
+    async reapAbandonedRuns() {
+      const now = clock.now();
+      const stale = await deps.em
+        .fork()
+        .find(JobRun, { status: 'RUNNING', heartbeatAt: { $lt: new Date(now.getTime() - leaseMs) } }, { fields: ['id', 'heartbeatAt'] });
+      let closed = 0;
+      for (const { id } of stale) {
+        if (mine.has(id)) continue;
+        closed += await deps.em.fork().nativeUpdate(
+          JobRun,
+          { id, status: 'RUNNING', heartbeatAt: { $lt: new Date(now.getTime() - leaseMs) } },
+          {
+            status: 'FAILED',
+            endedAt: now,
+            heartbeatAt: null,
+            errorMessage: `abandoned: no heartbeat for over ${Math.round(leaseMs / 1000)} s (its process died or lost the database); ingestion is all or nothing, and records it created are charged by the retry scheduler`,
+          },
+        );
+      }
+      if (closed > 0) log.warn({ runs: closed }, 'closed job runs whose process stopped renewing their lease');
+      return closed;
+    },
+
+    startReaper() {
+      if (reaper) return;
+      const tick = () => {
+        reaping = service.reapAbandonedRuns().catch((err: unknown) => log.warn({ err }, 'reaping abandoned job runs failed'));
+      };
+      reaper = setInterval(tick, Math.max(10, Math.floor(leaseMs / 2)));
+      reaper.unref();
+      tick();
+    },
+
+    async stopReaper() {
+      if (reaper) clearInterval(reaper);
+      reaper = null;
+      await reaping;
     },
 
     async closeInterruptedRuns() {

@@ -23,5 +23,13 @@ export interface JobsService {
    * run may be another replica's live one.
    */
   closeInterruptedRuns(): Promise<number>;
+  /**
+   * Closes as FAILED ("abandoned") the RUNNING runs of other processes whose
+   * heartbeat is older than the lease; returns how many.
+   */
+  reapAbandonedRuns(): Promise<number>;
+  /** Runs reapAbandonedRuns now and every half lease, until stopReaper. */
+  startReaper(): void;
+  stopReaper(): Promise<void>;
   listRuns(em: EntityManager, page: PageRequest): Promise<{ items: JobRun[]; nextPageToken: string }>;
 }

@@ -3,6 +3,7 @@ import { Migration20261124010000JobPeriod } from './Migration20261124010000_job_
 import { Migration20261124020000DropUsageRecordIdx } from './Migration20261124020000_drop_usage_record_idx';
 import { Migration20261124030000DropUsageStaging } from './Migration20261124030000_drop_usage_staging';
 import { Migration20261202000000WalletClosed } from './Migration20261202000000_wallet_closed';
+import { Migration20261202010000JobHeartbeat } from './Migration20261202010000_job_heartbeat';
 
 /** Every migration, in order. Listed here so that compiled code and ts-jest find them alike. */
 export const migrationsList = [
@@ -11,4 +12,5 @@ export const migrationsList = [
   { name: 'Migration20261124020000_drop_usage_record_idx', class: Migration20261124020000DropUsageRecordIdx },
   { name: 'Migration20261124030000_drop_usage_staging', class: Migration20261124030000DropUsageStaging },
   { name: 'Migration20261202000000_wallet_closed', class: Migration20261202000000WalletClosed },
+  { name: 'Migration20261202010000_job_heartbeat', class: Migration20261202010000JobHeartbeat },
 ];
