@@ -528,11 +528,13 @@ export function createBillingService(deps: BillingDeps): BillingService {
         `select id from billing_records where user_id = ? and status <> 'PAID' order by id`,
         [userId],
       );
-      const counts = await chargeMany(
-        em,
-        rows.map((r) => Number(r.id)),
-        'settle',
-      );
+      const counts = emptyRetryCounts();
+      const paidRecordIds: number[] = [];
+      for (const { id } of rows) {
+        const result = await charge(em, Number(id), 'settle');
+        tally(counts, result);
+        if (result.outcome === 'CHARGED') paidRecordIds.push(Number(id));
+      }
       // A user suspended for non-payment with nothing unpaid (e.g. settled elsewhere) is reactivated too;
       // the write transaction is only needed when the user is suspended for non-payment at all.
       const suspended = await rawRead<{ id: number | string }>(
@@ -541,14 +543,14 @@ export function createBillingService(deps: BillingDeps): BillingService {
         [userId, true],
       );
       if (suspended.length > 0) await em.transactional((tx) => reactivateIfSettled(tx, userId, clock.now()));
-      return counts;
+      return { counts, paidRecordIds };
     },
 
     async settleSweep(em) {
       const counts = emptyRetryCounts();
       const users = await em.execute<{ user_id: number | string }[]>(settleableUsersSql(SWEEP_USERS));
       for (const { user_id } of users) {
-        const done = await this.settleUser(em, Number(user_id));
+        const done = (await this.settleUser(em, Number(user_id))).counts;
         for (const k of Object.keys(done) as (keyof RetryCounts)[]) counts[k] += done[k];
       }
       if (counts.chargesSucceeded > 0) log.info({ users: users.length, ...counts }, 'settlement sweep');

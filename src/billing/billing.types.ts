@@ -47,7 +47,7 @@ export interface BillingService {
     page: PageRequest,
   ): Promise<{ items: UsageLog[]; nextPageToken: string }>;
   /** Charges a user's unpaid records oldest first; reactivates a user suspended for non-payment once none is left. */
-  settleUser(em: EntityManager, userId: number): Promise<RetryCounts>;
+  settleUser(em: EntityManager, userId: number): Promise<{ counts: RetryCounts; paidRecordIds: number[] }>;
   /**
    * Settles every user with an unpaid record that their wallet can pay now
    * (what a failed settlement after a top-up left behind); not an attempt.

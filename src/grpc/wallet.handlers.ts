@@ -32,6 +32,7 @@ export function createWalletHandlers({ unary, wallets, currency }: WalletHandler
       return {
         wallet: walletToPb(result.wallet, currency),
         transaction: walletTransactionToPb(result.transaction, currency),
+        settledBillingRecordIds: result.settledRecordIds.map((id) => BigInt(id)),
       };
     }),
 

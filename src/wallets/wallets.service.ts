@@ -26,8 +26,11 @@ export interface WalletView {
 }
 
 export interface AddFundsResult {
+  /** The wallet after the credit and the settlement it triggered. */
   wallet: WalletView;
   transaction: WalletTransaction;
+  /** The unpaid records this call's settlement paid, oldest first. */
+  settledRecordIds: number[];
   /** True when the request_id was seen before and nothing changed now. */
   replayed: boolean;
 }
@@ -149,7 +152,7 @@ export interface WalletsDeps {
    * settlement). Its failure never undoes the credit: it is logged and
    * `onSettleFailed` asks the retry scheduler's settlement sweep to finish it.
    */
-  settle?: (em: EntityManager, userId: number) => Promise<unknown>;
+  settle?: (em: EntityManager, userId: number) => Promise<{ paidRecordIds: number[] }>;
   onSettleFailed?: () => void;
 }
 
@@ -192,6 +195,7 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
             return {
               wallet: { userId, balance: transaction.balanceAfter, createdAt: wallet.createdAt, updatedAt: transaction.createdAt },
               transaction,
+              settledRecordIds: [],
               replayed: true,
             };
           }
@@ -223,18 +227,23 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
         return {
           wallet: { userId, balance, createdAt: epochMs(updated[0].created_at), updatedAt: now },
           transaction,
+          settledRecordIds: [],
           replayed: false,
         };
       });
       // Settle on a replay too: the first call may have died between the credit's commit and its settlement, and
       // settling twice is harmless (each record is charged at most once).
-      if (settle) {
-        await settle(em, userId).catch((err: unknown) => {
-          log.error({ err, userId }, 'settling after AddFunds failed; the settlement sweep will finish it');
-          deps.onSettleFailed?.();
-        });
+      if (!settle) return result;
+      try {
+        const { paidRecordIds } = await settle(em, userId);
+        if (paidRecordIds.length === 0) return result;
+        // The balance the caller can spend now, after the records it paid.
+        return { ...result, wallet: await readWallet(em, userId), settledRecordIds: paidRecordIds };
+      } catch (err) {
+        log.error({ err, userId }, 'settling after AddFunds failed; the settlement sweep will finish it');
+        deps.onSettleFailed?.();
+        return result;
       }
-      return result;
     },
 
     async listTransactions(em, userId, pageReq) {

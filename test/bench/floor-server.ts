@@ -103,6 +103,7 @@ function main(): void {
                     requestId: '',
                     createTime: new Date(now),
                   },
+                  settledBillingRecordIds: [],
                 }).finish(),
               ),
             ),

@@ -212,15 +212,23 @@ describe('retries, suspension and settlement (injected clock)', () => {
     const b = (await createRecord(t, userId, '4')).billingRecord!;
     expect([a.status, b.status]).toEqual([R.BILLING_RECORD_STATUS_FAILED, R.BILLING_RECORD_STATUS_FAILED]);
     expect((await call(t.users, 'getUser', { id: userId })).user!.status).toBe(userPb.UserStatus.USER_STATUS_SUSPENDED);
-    await call(t.wallets, 'addFunds', { userId, amount: money('3.5'), requestId: '' });
+    const first = await call(t.wallets, 'addFunds', { userId, amount: money('3.5'), requestId: '' });
+    // The response says what the top-up paid and what is left to spend after it.
+    expect(first.settledBillingRecordIds).toEqual([a.id]);
+    expect(amountOf(first.wallet!.balance)).toBe('0.500000');
+    expect(amountOf(first.transaction!.balanceAfter)).toBe('3.500000'); // the CREDIT row itself
     expect((await record(a.id)).status).toBe(R.BILLING_RECORD_STATUS_PAID);
     expect((await record(b.id)).status).toBe(R.BILLING_RECORD_STATUS_FAILED);
     expect((await call(t.users, 'getUser', { id: userId })).user!.status).toBe(userPb.UserStatus.USER_STATUS_SUSPENDED);
-    await call(t.wallets, 'addFunds', { userId, amount: money('3.5'), requestId: '' });
+    const second = await call(t.wallets, 'addFunds', { userId, amount: money('3.5'), requestId: '' });
+    expect(second.settledBillingRecordIds).toEqual([b.id]);
+    expect(amountOf(second.wallet!.balance)).toBe('0.000000');
     expect((await record(b.id)).status).toBe(R.BILLING_RECORD_STATUS_PAID);
+    const nothing = await call(t.wallets, 'addFunds', { userId, amount: money('1'), requestId: '' });
+    expect([nothing.settledBillingRecordIds, amountOf(nothing.wallet!.balance)]).toEqual([[], '1.000000']);
     const { user } = await call(t.users, 'getUser', { id: userId });
     expect([user!.status, user!.suspensionReason]).toEqual([userPb.UserStatus.USER_STATUS_ACTIVE, '']);
-    expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('0.000000');
+    expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('1.000000');
     await invariantsHold(t);
   });
 
@@ -239,6 +247,8 @@ describe('retries, suspension and settlement (injected clock)', () => {
     );
     const replay = await call(t.wallets, 'addFunds', { userId, amount: money('5'), requestId: 'cut-1' });
     expect(replay.transaction!.id).toBe(BigInt(credit.id)); // the first response, no second credit
+    expect(replay.settledBillingRecordIds).toEqual([failed.id]); // what this replay's settlement paid
+    expect(amountOf(replay.wallet!.balance)).toBe('2.000000');
     expect((await record(failed.id)).status).toBe(R.BILLING_RECORD_STATUS_PAID);
     expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('2.000000');
     expect((await call(t.users, 'getUser', { id: userId })).user!.status).toBe(userPb.UserStatus.USER_STATUS_ACTIVE);

@@ -155,14 +155,23 @@ export interface AddFundsRequest {
 /** AddFundsResponse is the output of AddFunds. */
 export interface AddFundsResponse {
   /**
-   * wallet is the wallet right after the credit (before any settlement of
-   * unpaid records it triggered).
+   * wallet is the wallet after the credit and after the settlement it
+   * triggered: its balance is what the user can spend now.
    */
   wallet?:
     | Wallet
     | undefined;
   /** transaction is the CREDIT ledger row. */
-  transaction?: WalletTransaction | undefined;
+  transaction?:
+    | WalletTransaction
+    | undefined;
+  /**
+   * settled_billing_record_ids are the unpaid billing records (PENDING or
+   * FAILED) that this call paid from the new balance, oldest first. A replayed
+   * request_id settles again (it may have been cut off before settling) and
+   * lists what that settlement paid.
+   */
+  settledBillingRecordIds: bigint[];
 }
 
 /** ListWalletTransactionsRequest is the input of ListWalletTransactions. */
@@ -927,7 +936,7 @@ export const AddFundsRequest: MessageFns<AddFundsRequest> = {
 };
 
 function createBaseAddFundsResponse(): AddFundsResponse {
-  return { wallet: undefined, transaction: undefined };
+  return { wallet: undefined, transaction: undefined, settledBillingRecordIds: [] };
 }
 
 export const AddFundsResponse: MessageFns<AddFundsResponse> = {
@@ -937,6 +946,18 @@ export const AddFundsResponse: MessageFns<AddFundsResponse> = {
     }
     if (message.transaction !== undefined) {
       WalletTransaction.encode(message.transaction, writer.uint32(18).fork()).join();
+    }
+    if (message.settledBillingRecordIds.length !== 0) {
+      writer.uint32(26).fork();
+      for (const v of message.settledBillingRecordIds) {
+        if (BigInt.asIntN(64, v) !== v) {
+          throw new globalThis.Error(
+            "a value provided in array field settledBillingRecordIds of type int64 is too large",
+          );
+        }
+        writer.int64(v);
+      }
+      writer.join();
     }
     return writer;
   },
@@ -970,6 +991,24 @@ export const AddFundsResponse: MessageFns<AddFundsResponse> = {
             message.transaction = WalletTransaction.decode(reader, reader.uint32());
             continue;
           }
+          case 3: {
+            if (tag === 24) {
+              message.settledBillingRecordIds.push(reader.int64() as bigint);
+
+              continue;
+            }
+
+            if (tag === 26) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.settledBillingRecordIds.push(reader.int64() as bigint);
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -986,6 +1025,11 @@ export const AddFundsResponse: MessageFns<AddFundsResponse> = {
     return {
       wallet: isSet(object.wallet) ? Wallet.fromJSON(object.wallet) : undefined,
       transaction: isSet(object.transaction) ? WalletTransaction.fromJSON(object.transaction) : undefined,
+      settledBillingRecordIds: globalThis.Array.isArray(object?.settledBillingRecordIds)
+        ? object.settledBillingRecordIds.map((e: any) => BigInt(e))
+        : globalThis.Array.isArray(object?.settled_billing_record_ids)
+        ? object.settled_billing_record_ids.map((e: any) => BigInt(e))
+        : [],
     };
   },
 
@@ -996,6 +1040,9 @@ export const AddFundsResponse: MessageFns<AddFundsResponse> = {
     }
     if (message.transaction !== undefined) {
       obj.transaction = WalletTransaction.toJSON(message.transaction);
+    }
+    if (message.settledBillingRecordIds?.length) {
+      obj.settledBillingRecordIds = message.settledBillingRecordIds.map((e) => e.toString());
     }
     return obj;
   },
@@ -1011,6 +1058,7 @@ export const AddFundsResponse: MessageFns<AddFundsResponse> = {
     message.transaction = (object.transaction !== undefined && object.transaction !== null)
       ? WalletTransaction.fromPartial(object.transaction)
       : undefined;
+    message.settledBillingRecordIds = object.settledBillingRecordIds?.map((e) => BigInt(e)) || [];
     return message;
   },
 };
