@@ -61,6 +61,7 @@ describe('loadConfig defaults', () => {
     expect(c.logFilePath).toBe('./data/usage-logs.json');
     expect(c.database).toEqual({ kind: 'sqlite', path: './billing.db' });
     expect(c.maxRetries).toBe(5);
+    expect(c.usageReadTimeoutMs).toBe(30_000);
   });
 });
 
@@ -88,6 +89,10 @@ describe('loadConfig overrides', () => {
     expect(loadConfig({ GRPC_PORT: '0' }).grpcPort).toBe(0);
     expect(loadConfig({ GRPC_PORT: '65535' }).grpcPort).toBe(65535);
     expect(loadConfig({ MAX_RETRIES: '30' }).maxRetries).toBe(30);
+  });
+
+  it('reads USAGE_READ_TIMEOUT_MS', () => {
+    expect(loadConfig({ USAGE_READ_TIMEOUT_MS: '2500' }).usageReadTimeoutMs).toBe(2500);
   });
 
   it('upper-cases the currency code', () => {
@@ -145,6 +150,8 @@ describe('loadConfig rejects invalid values with a ConfigError naming the variab
     ['RETRY_BASE_DELAY_MS', { RETRY_BASE_DELAY_MS: '0' }],
     ['MAX_RETRIES', { MAX_RETRIES: '31' }],
     ['MAX_RETRIES', { MAX_RETRIES: 'five' }],
+    ['USAGE_READ_TIMEOUT_MS', { USAGE_READ_TIMEOUT_MS: '50' }],
+    ['USAGE_READ_TIMEOUT_MS', { USAGE_READ_TIMEOUT_MS: 'soon' }],
   ])('%s in %j', (name, env) => {
     expect(configErrorFor(env).message).toContain(name);
   });
