@@ -15,6 +15,8 @@ export interface Config {
   grpcPort: number;
   database: DatabaseConfig;
   logLevel: string;
+  /** Access log: one info line for every RPC; off, only money-moving calls and server faults get one (./grpc/rpc-log.ts). */
+  accessLog: boolean;
   currency: string;
   logFilePath: string;
   /** service -> price of one unit, in micros. */
@@ -236,6 +238,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     grpcPort: int(env, 'GRPC_PORT', 50051, 0, 65535),
     database: database(env),
     logLevel,
+    accessLog: bool(env, 'ACCESS_LOG', false),
     currency,
     logFilePath: env.LOG_FILE_PATH?.trim() || './data/usage-logs.json',
     pricing: env.PRICING ? parsePricing(env.PRICING) : parsePricing(JSON.stringify(DEFAULT_PRICING)),
