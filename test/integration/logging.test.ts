@@ -83,6 +83,23 @@ describe('RPC logging of the service process', () => {
     }
   }
 
+  /**
+   * The output offset just past the first line that matches, once it has arrived. A response can reach the test
+   * before the line its call logged has come through the pipe, so a test waits for that line before counting.
+   */
+  async function offsetPast(s: ServiceProcess, match: (l: Line) => boolean): Promise<number> {
+    const [line] = (await linesUntil(s, 0, match)).slice(-1);
+    const text = JSON.stringify(line);
+    const out = s.output();
+    // Lines are found again by content: the first whole line that parses to the same object.
+    let at = 0;
+    for (const raw of out.split('\n')) {
+      at += raw.length + 1;
+      if (raw.startsWith('{') && JSON.stringify(JSON.parse(raw)) === text) return at;
+    }
+    throw new Error('matched line not found again');
+  }
+
   /** 200 GetBalance, 50 refused calls (25 unknown tokens, 25 a role may not make) and 20 invalid reads. */
   async function quietTraffic(s: ServiceProcess, userId: bigint): Promise<void> {
     for (let round = 0; round < 10; round++) {
@@ -118,7 +135,7 @@ describe('RPC logging of the service process', () => {
   it('at the default settings, reads and refused calls write no line and an AddFunds writes one naming the method and caller', async () => {
     const s = await serve();
     const { user } = await call(s.users, 'createUser', { email: 'quiet@example.com', name: 'Q', requestId: '' }, asService);
-    const offset = s.output().length;
+    const offset = await offsetPast(s, (l) => l.msg === 'rpc' && l.method === 'CreateUser');
 
     await quietTraffic(s, user!.id);
     await call(s.wallets, 'addFunds', { userId: user!.id, amount: money('5'), requestId: 'top-1' }, asService);
@@ -133,7 +150,7 @@ describe('RPC logging of the service process', () => {
       path.join(dir, 'usage.ndjson'),
       `${JSON.stringify({ userId: Number(user!.id), service: 'api-calls', quantity: 100, timestamp: '2024-01-15T10:00:00Z' })}\n`,
     );
-    const before = s.output().length;
+    const before = await offsetPast(s, isAddFunds);
     await call(s.jobs, 'processLogs', {}, asOperator);
     const jobLines = await linesUntil(s, before, (l) => l.msg === 'rpc' && l.method === 'ProcessLogs');
     expect(jobLines.map((l) => l.msg)).toEqual(['charge attempts (batch)', 'job run finished', 'rpc']);
@@ -147,7 +164,7 @@ describe('RPC logging of the service process', () => {
   it('with ACCESS_LOG=true every call writes one line, refused and invalid ones included', async () => {
     const s = await serve({ ACCESS_LOG: 'true' });
     const { user } = await call(s.users, 'createUser', { email: 'loud@example.com', name: 'L', requestId: '' }, asService);
-    const offset = s.output().length;
+    const offset = await offsetPast(s, (l) => l.msg === 'rpc' && l.method === 'CreateUser');
 
     await quietTraffic(s, user!.id);
     await call(s.wallets, 'addFunds', { userId: user!.id, amount: money('5'), requestId: 'top-1' }, asService);

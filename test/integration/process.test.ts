@@ -11,7 +11,14 @@ import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { createTestDatabase, type TestDatabase } from '../helpers/database';
 import { call, money } from '../helpers/harness';
-import { descendantsOf, isRunning, killServiceProcesses, MAIN, startServiceProcess } from '../helpers/service-process';
+import {
+  descendantsOf,
+  isRunning,
+  killServiceProcesses,
+  MAIN,
+  startServiceProcess,
+  type ServiceProcess,
+} from '../helpers/service-process';
 
 describe('the service process', () => {
   let dir: string;
@@ -105,6 +112,16 @@ describe('npm start', () => {
       .filter((p) => /^\S*node \S*dist\/src\/main\.js/.test(p.args))
       .map((p) => p.pid);
 
+  /**
+   * The output once it holds one of `texts` (or after 10 s): npm's exit can be seen before the last lines the
+   * service wrote have come through the pipe.
+   */
+  const outputWith = async (svc: ServiceProcess, ...texts: string[]) => {
+    const deadline = Date.now() + 10_000;
+    while (!texts.some((t) => svc.output().includes(t)) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    return svc.output();
+  };
+
   const portOpen = (port: number) =>
     new Promise<boolean>((resolve) => {
       const socket = net.connect({ host: '127.0.0.1', port });
@@ -132,7 +149,7 @@ describe('npm start', () => {
       stillRunning: services.filter(isRunning),
       portOpen: await portOpen(svc.port),
     }).toEqual({ rebuilt: false, readyWithin20s: true, npm: { code: 0, signal: null }, stillRunning: [], portOpen: false });
-    expect(svc.output()).toContain('"billing-service stopped"');
+    expect(await outputWith(svc, '"billing-service stopped"')).toContain('"billing-service stopped"');
   });
 
   it('Ctrl-C (SIGINT to the whole foreground process group) shuts the service down gracefully once and npm exits 0', async () => {
@@ -145,7 +162,7 @@ describe('npm start', () => {
     // forwards it to. The service sees it twice and must treat that as one request to stop.
     process.kill(-svc.child.pid!, 'SIGINT');
     const npm = await svc.exit;
-    const out = svc.output();
+    const out = await outputWith(svc, '"billing-service stopped"', 'second signal');
     expect({
       npm,
       stopped: out.includes('"billing-service stopped"'),
