@@ -99,6 +99,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       tokens,
       limits: config.limits,
       credentials,
+      accessLog: config.accessLog,
     });
     const port = await grpc.bind(config.grpcHost, config.grpcPort);
     // SQLite belongs to this one process: a run still RUNNING was cut off by a previous stop.

@@ -15,6 +15,8 @@ export interface Config {
   grpcPort: number;
   database: DatabaseConfig;
   logLevel: string;
+  /** Access log: one info line for every RPC; off, only money-moving calls and server faults get one (./grpc/rpc-log.ts). */
+  accessLog: boolean;
   currency: string;
   logFilePath: string;
   /** Longest that opening the usage file, or any one read of it, may take before the run fails (ms). */
@@ -238,6 +240,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     grpcPort: int(env, 'GRPC_PORT', 50051, 0, 65535),
     database: database(env),
     logLevel,
+    accessLog: bool(env, 'ACCESS_LOG', false),
     currency,
     logFilePath: env.LOG_FILE_PATH?.trim() || './data/usage-logs.json',
     usageReadTimeoutMs: int(env, 'USAGE_READ_TIMEOUT_MS', 30_000, 100, 3_600_000),

@@ -2,10 +2,17 @@
  * Process entry point: config -> app -> signals. SIGTERM/SIGINT: health goes
  * NOT_SERVING, new calls are refused, in-flight calls finish (bounded by
  * SHUTDOWN_GRACE_MS, then forced), jobs stop, the database closes, exit 0.
+ * A second signal exits 1 at once, except the same signal again within
+ * ECHO_WINDOW_MS: under `npm start` in a terminal, Ctrl-C reaches this process
+ * twice, from the terminal (it signals the whole foreground process group)
+ * and forwarded by npm, and that is one request to stop, not two.
  */
 import { startApp } from './app';
 import { ConfigError, loadConfig } from './config';
 import { createLogger } from './shared/logger';
+
+/** How soon the same signal again counts as an echo of the first (npm forwarding what the terminal sent). */
+const ECHO_WINDOW_MS = 1000;
 
 async function main(): Promise<void> {
   let config;
@@ -28,13 +35,15 @@ async function main(): Promise<void> {
     }
     throw err;
   });
-  let signals = 0;
+  let first: { signal: NodeJS.Signals; at: number } | undefined;
   const onSignal = (signal: NodeJS.Signals) => {
-    signals++;
-    if (signals > 1) {
+    const at = performance.now();
+    if (first !== undefined) {
+      if (signal === first.signal && at - first.at < ECHO_WINDOW_MS) return;
       log.warn({ signal }, 'second signal: exiting now');
       process.exit(1);
     }
+    first = { signal, at };
     log.info({ signal }, 'shutting down');
     app.stop().then(
       () => process.exit(0),

@@ -7,14 +7,16 @@
  *   error table (./status.ts) picks for whatever was thrown.
  * - grpc-js does not await handlers, so no rejection may escape from here: an
  *   unhandled rejection would stop the process.
- * - One log line per RPC: { method, code, reason?, caller?, durationMs }, at
- *   info for OK and client errors, at error for INTERNAL and UNAVAILABLE.
+ * - At most one log line per RPC: { method, code, reason?, caller?, durationMs },
+ *   at the level ./rpc-log.ts decides (error for INTERNAL and UNAVAILABLE,
+ *   info for money-moving calls or with the access log on, else debug).
  *   `caller` is the name of the token that authenticated the call (never the
  *   token), when authentication is on.
  */
 import * as grpc from '@grpc/grpc-js';
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Logger } from 'pino';
+import { rpcLogLevel } from './rpc-log';
 import { describeError, INTERNAL_MESSAGE, INTERNAL_REASON, type ErrorStatus } from './status';
 
 export interface CallContext {
@@ -34,13 +36,13 @@ export interface AdapterDeps {
   log: Logger;
   /** The authenticated caller's name for a call's metadata, if any (see ./auth.ts). */
   callerOf?: (metadata: grpc.Metadata) => string | undefined;
+  /** ACCESS_LOG: every call gets an info line (default false; see ./rpc-log.ts). */
+  accessLog?: boolean;
 }
-
-const SERVER_FAULTS: ReadonlySet<grpc.status> = new Set([grpc.status.INTERNAL, grpc.status.UNAVAILABLE]);
 
 /** Builds `unary(name, handler)` over the given root entity manager and logger. */
 export function createUnary(deps: AdapterDeps): Unary {
-  const { em: rootEm, log, callerOf = () => undefined } = deps;
+  const { em: rootEm, log, callerOf = () => undefined, accessLog = false } = deps;
 
   return <Req, Res>(name: string, handler: UnaryHandler<Req, Res>): grpc.handleUnaryCall<Req, Res> =>
     (call, callback) => {
@@ -53,7 +55,8 @@ export function createUnary(deps: AdapterDeps): Unary {
         if (answered) return;
         answered = true;
         callback(null, response);
-        log.info({ method: name, code: 'OK', caller, durationMs: durationMs() }, 'rpc');
+        const level = rpcLogLevel({ method: name, code: grpc.status.OK, refused: false }, accessLog);
+        if (log.isLevelEnabled(level)) log[level]({ method: name, code: 'OK', caller, durationMs: durationMs() }, 'rpc');
       };
 
       const fail = (err: unknown) => {
@@ -67,9 +70,10 @@ export function createUnary(deps: AdapterDeps): Unary {
           status = { code: grpc.status.INTERNAL, details: INTERNAL_MESSAGE, metadata: new grpc.Metadata(), reason: INTERNAL_REASON };
         }
         callback({ code: status.code, details: status.details, metadata: status.metadata });
-        const line = { method: name, code: grpc.status[status.code], reason: status.reason, caller, durationMs: durationMs() };
-        if (SERVER_FAULTS.has(status.code)) log.error(line, 'rpc');
-        else log.info(line, 'rpc');
+        const level = rpcLogLevel({ method: name, code: status.code, refused: false }, accessLog);
+        if (log.isLevelEnabled(level)) {
+          log[level]({ method: name, code: grpc.status[status.code], reason: status.reason, caller, durationMs: durationMs() }, 'rpc');
+        }
       };
 
       // Promise.resolve().then also catches a handler that throws synchronously.

@@ -15,6 +15,9 @@
  * - gRPC health and reflection stay open.
  * - The `authorization` entry is removed before the metadata reaches a
  *   handler, and no token ever goes to a log: only the caller's name does.
+ * - A refused call's `rpc` line is written only with the access log on
+ *   (ACCESS_LOG=true) or at LOG_LEVEL=debug (./rpc-log.ts): a client retrying
+ *   with a bad token must not flood the log.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import * as fs from 'node:fs';
@@ -22,6 +25,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { ConfigError } from '../config';
 import { AppError } from '../shared/errors';
+import { rpcLogLevel } from './rpc-log';
 import { describeError } from './status';
 
 export type Role = 'service' | 'operator';
@@ -254,15 +258,18 @@ export interface AuthInterceptorDeps {
    * request metadata object the handler receives (the adapter logs the name).
    */
   callers: WeakMap<grpc.Metadata, Caller>;
+  /** ACCESS_LOG: refused calls get an info line too (default false; see ./rpc-log.ts). */
+  accessLog?: boolean;
 }
 
 /**
  * The interceptor. A refused call gets its status (with the same
  * `billing-error-reason` trailer and ErrorInfo details as every other error)
- * and its one `rpc` log line here, since it never reaches the adapter.
+ * and its `rpc` log line (when ./rpc-log.ts wants one) here, since it never
+ * reaches the adapter.
  */
 export function createAuthInterceptor(deps: AuthInterceptorDeps): grpc.ServerInterceptor {
-  const { tokens, log, callers } = deps;
+  const { tokens, log, callers, accessLog = false } = deps;
   return (method, call) => {
     if (rolesFor(method.path) === 'open') return new grpc.ServerInterceptingCall(call);
     const started = process.hrtime.bigint();
@@ -281,7 +288,9 @@ export function createAuthInterceptor(deps: AuthInterceptorDeps): grpc.ServerInt
             // half-close, so the handler never starts.
             const status = describeError(verdict.error, log);
             call.sendStatus({ code: status.code, details: status.details, metadata: status.metadata });
-            log.info(
+            const level = rpcLogLevel({ method: methodOf(method.path), code: status.code, refused: true }, accessLog);
+            if (!log.isLevelEnabled(level)) return;
+            log[level](
               {
                 method: methodOf(method.path),
                 code: grpc.status[status.code],

@@ -50,6 +50,8 @@ export interface GrpcServerDeps {
   limits?: Readonly<GrpcLimits>;
   /** How bind() listens (default plaintext); see serverCredentials(). */
   credentials?: grpc.ServerCredentials;
+  /** ACCESS_LOG: one info line for every call (default false; see ./rpc-log.ts). */
+  accessLog?: boolean;
 }
 
 /** The grpc-js options for the limits (only options the grpc-js server honours). */
@@ -159,13 +161,13 @@ function hostPort(host: string, port: number): string {
 }
 
 export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
-  const { em, services, log, currency } = deps;
+  const { em, services, log, currency, accessLog = false } = deps;
   const credentials = deps.credentials ?? grpc.ServerCredentials.createInsecure();
   // Who made each admitted call, for the adapter's log line; entries go with the call's metadata.
   const callers = new WeakMap<grpc.Metadata, Caller>();
-  const interceptors = deps.tokens ? [createAuthInterceptor({ tokens: deps.tokens, log, callers })] : [];
+  const interceptors = deps.tokens ? [createAuthInterceptor({ tokens: deps.tokens, log, callers, accessLog })] : [];
   const server = new grpc.Server({ ...serverOptions(deps.limits ?? DEFAULT_GRPC_LIMITS), interceptors });
-  const unary = createUnary({ em, log, callerOf: (metadata) => callers.get(metadata)?.name });
+  const unary = createUnary({ em, log, callerOf: (metadata) => callers.get(metadata)?.name, accessLog });
 
   server.addService(userPb.UserServiceService, createUserHandlers({ unary, users: services.users }));
   server.addService(walletPb.WalletServiceService, createWalletHandlers({ unary, wallets: services.wallets, currency }));

@@ -1,9 +1,10 @@
 /**
  * The built service (dist/src/main.js; `npm test` builds it first) as a real
  * child process, with generated clients pointed at it. For tests of what only
- * a process shows: signals, crashes, several replicas.
+ * a process shows: signals, crashes, several replicas. It can also be started
+ * the way a user starts it (`npm start` in the repository root).
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as billingPb from '../../generated/billing/v1/billing_service';
@@ -11,7 +12,8 @@ import * as jobPb from '../../generated/billing/v1/job_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 
-export const MAIN = path.resolve(__dirname, '../../dist/src/main.js');
+export const ROOT = path.resolve(__dirname, '../..');
+export const MAIN = path.join(ROOT, 'dist/src/main.js');
 
 export interface ServiceProcess {
   child: ChildProcess;
@@ -29,15 +31,33 @@ export interface ServiceProcess {
   close(): void;
 }
 
+export interface StartOptions {
+  /** How long to wait for the ready line (default 30 s). */
+  timeoutMs?: number;
+  /**
+   * The command that starts the service, run in the repository root (default: node dist/src/main.js).
+   * With a command (e.g. `['npm', 'start']`) the child leads its own process group, as a shell job does,
+   * so a test can signal the group like a terminal's Ctrl-C, and clean-up kills whatever it left behind.
+   */
+  command?: readonly string[];
+}
+
 const spawned = new Set<ChildProcess>();
+/** Process groups started with a command: killed as a whole at clean-up (an orphan stays in its group). */
+const groups = new Set<number>();
 
 /** Starts the service with exactly this environment (plus PATH); resolves once it logs that it is ready. */
-export function startServiceProcess(env: Record<string, string>, timeoutMs = 30_000): Promise<ServiceProcess> {
-  const child = spawn(process.execPath, [MAIN], {
+export function startServiceProcess(env: Record<string, string>, options: StartOptions = {}): Promise<ServiceProcess> {
+  const { timeoutMs = 30_000, command } = options;
+  const [file, ...args] = command ?? [process.execPath, MAIN];
+  const child = spawn(file, args, {
+    cwd: command === undefined ? undefined : ROOT,
     env: { PATH: process.env.PATH, LOG_LEVEL: 'info', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
+    detached: command !== undefined,
   });
   spawned.add(child);
+  if (command !== undefined && child.pid !== undefined) groups.add(child.pid);
   // Keep the last 1 MB of output: enough for failure messages, bounded for long runs.
   let out = '';
   const keep = (d: Buffer) => {
@@ -104,4 +124,41 @@ export function startServiceProcess(env: Record<string, string>, timeoutMs = 30_
 export async function killServiceProcesses(): Promise<void> {
   const alive = [...spawned];
   await Promise.all(alive.map((c) => new Promise((resolve) => (c.once('exit', resolve), c.kill('SIGKILL')))));
+  for (const group of groups) {
+    try {
+      process.kill(-group, 'SIGKILL');
+    } catch {
+      /* nothing left in the group */
+    }
+  }
+  groups.clear();
+}
+
+/** The processes below `pid` (children, grandchildren, ...) with their command lines, from `ps`. */
+export function descendantsOf(pid: number): { pid: number; args: string }[] {
+  const rows = execFileSync('ps', ['-e', '-o', 'pid=,ppid=,args='], { encoding: 'utf8' })
+    .split('\n')
+    .map((line) => /^\s*(\d+)\s+(\d+)\s(.*)$/.exec(line))
+    .filter((m): m is RegExpExecArray => m !== null)
+    .map((m) => ({ pid: Number(m[1]), ppid: Number(m[2]), args: m[3].trim() }));
+  const found: { pid: number; args: string }[] = [];
+  const queue = [pid];
+  while (queue.length > 0) {
+    const parent = queue.shift()!;
+    for (const row of rows.filter((r) => r.ppid === parent)) {
+      found.push({ pid: row.pid, args: row.args });
+      queue.push(row.pid);
+    }
+  }
+  return found;
+}
+
+/** Whether a process with this id exists (a zombie counts). */
+export function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
 }

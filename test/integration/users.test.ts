@@ -453,7 +453,8 @@ describe('when the database fails', () => {
 });
 
 describe('RPC logging', () => {
-  it('logs one line per call with method, code, reason and duration, at error level only for server faults', async () => {
+  /** CreateUser, a GetUser for a missing user and a GetUser that fails inside (INTERNAL), with their rpc lines. */
+  async function threeCalls(env: Record<string, string>): Promise<Record<string, unknown>[]> {
     const lines: Record<string, unknown>[] = [];
     const sink = new Writable({
       write(chunk: Buffer, _enc, done) {
@@ -461,7 +462,7 @@ describe('RPC logging', () => {
         done();
       },
     });
-    const r = await startTestApp({}, { log: pino({ level: 'info' }, sink) });
+    const r = await startTestApp(env, { log: pino({ level: 'info' }, sink) });
     try {
       const user = (await call(r.users, 'createUser', { email: 'logged@example.com', name: 'L', requestId: '' })).user!;
       await expectGrpcError(call(r.users, 'getUser', { id: 987_654_321n }), NOT_FOUND, 'USER_NOT_FOUND');
@@ -471,13 +472,24 @@ describe('RPC logging', () => {
       await r.stop();
     }
     const rpcLines = lines.filter((l) => l.msg === 'rpc');
-    expect(rpcLines.map(({ method, code, reason, level }) => ({ method, code, reason, level }))).toEqual([
+    for (const line of rpcLines) expect(typeof line.durationMs).toBe('number');
+    // The full error behind the INTERNAL went to the log, not to the client.
+    expect(JSON.stringify(lines)).toMatch(/no such table: users|relation \\"users\\" does not exist/);
+    return rpcLines.map(({ method, code, reason, level }) => ({ method, code, reason, level }));
+  }
+
+  it('at LOG_LEVEL=info logs a money-moving call at info and a server fault at error, and a read refused as NOT_FOUND not at all', async () => {
+    expect(await threeCalls({})).toEqual([
+      { method: 'CreateUser', code: 'OK', reason: undefined, level: 30 },
+      { method: 'GetUser', code: 'INTERNAL', reason: 'INTERNAL', level: 50 },
+    ]);
+  });
+
+  it('with ACCESS_LOG=true logs one line per call with method, code, reason and duration, at error only for server faults', async () => {
+    expect(await threeCalls({ ACCESS_LOG: 'true' })).toEqual([
       { method: 'CreateUser', code: 'OK', reason: undefined, level: 30 },
       { method: 'GetUser', code: 'NOT_FOUND', reason: 'USER_NOT_FOUND', level: 30 },
       { method: 'GetUser', code: 'INTERNAL', reason: 'INTERNAL', level: 50 },
     ]);
-    for (const line of rpcLines) expect(typeof line.durationMs).toBe('number');
-    // The full error behind the INTERNAL went to the log, not to the client.
-    expect(JSON.stringify(lines)).toMatch(/no such table: users|relation \\"users\\" does not exist/);
   });
 });

@@ -32,6 +32,10 @@ describe('loadConfig defaults', () => {
     expect(config.logLevel).toBe('info');
   });
 
+  it('keeps the access log off', () => {
+    expect(config.accessLog).toBe(false);
+  });
+
   it('prices the four default services in micros', () => {
     expect(config.pricing).toEqual(
       new Map([
@@ -99,6 +103,15 @@ describe('loadConfig overrides', () => {
     expect(loadConfig({ CURRENCY: 'eur' }).currency).toBe('EUR');
   });
 
+  it.each<[string, boolean]>([
+    ['true', true],
+    ['TRUE', true],
+    [' false ', false],
+    ['', false],
+  ])('reads ACCESS_LOG=%j as %s', (value, expected) => {
+    expect(loadConfig({ ACCESS_LOG: value }).accessLog).toBe(expected);
+  });
+
   it('disables the ingest schedule with INGEST_CRON=off', () => {
     expect(loadConfig({ INGEST_CRON: 'off' }).ingestCron).toBeNull();
   });
@@ -136,6 +149,8 @@ describe('loadConfig rejects invalid values with a ConfigError naming the variab
     ['CURRENCY', { CURRENCY: 'US' }],
     ['CURRENCY', { CURRENCY: 'US1' }],
     ['LOG_LEVEL', { LOG_LEVEL: 'loud' }],
+    ['ACCESS_LOG', { ACCESS_LOG: 'yes' }],
+    ['ACCESS_LOG', { ACCESS_LOG: '1' }],
     ['PRICING', { PRICING: 'not json' }],
     ['PRICING', { PRICING: '["0.01"]' }],
     ['PRICING', { PRICING: '"0.01"' }],
