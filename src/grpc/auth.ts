@@ -85,7 +85,7 @@ export const METHOD_ROLES: Readonly<Record<string, readonly Role[]>> = Object.fr
 export const serviceOf = (path: string): string => path.split('/')[1] ?? '';
 
 /** '/pkg.Service/Method' -> 'Method', the name the adapter logs. */
-const methodOf = (path: string): string => path.slice(path.lastIndexOf('/') + 1);
+export const methodOf = (path: string): string => path.slice(path.lastIndexOf('/') + 1);
 
 /** The roles that may call a method: 'open' for health and reflection. */
 export function rolesFor(path: string): readonly Role[] | 'open' {

@@ -3,7 +3,9 @@
  * the app says otherwise, and again from the start of shutdown) and server
  * reflection fed from the real descriptor set that `buf build` wrote.
  * Optionally bearer-token authentication (./auth.ts), TLS or mutual TLS, and
- * the transport limits from the config.
+ * the transport limits from the config: per call and stream (./streams.ts, the
+ * first interceptor) and per connection (./listener.ts owns the listening
+ * sockets, to cap their number).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -23,6 +25,8 @@ import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 import { createUnary } from './adapter';
 import { createAuthInterceptor, type Caller, type TokenTable } from './auth';
+import { listen, type Listener } from './listener';
+import { createStreamGuard } from './streams';
 import { createBillingHandlers } from './billing.handlers';
 import { createJobHandlers } from './job.handlers';
 import { createUserHandlers } from './user.handlers';
@@ -58,6 +62,7 @@ export function serverOptions(limits: Readonly<GrpcLimits>): grpc.ServerOptions 
     'grpc.max_receive_message_length': limits.maxReceiveMessageBytes,
     'grpc.max_send_message_length': limits.maxSendMessageBytes,
     'grpc.max_concurrent_streams': limits.maxConcurrentStreams,
+    'grpc.max_connection_idle_ms': limits.maxConnectionIdleMs,
     'grpc.keepalive_time_ms': limits.keepaliveTimeMs,
     'grpc.keepalive_timeout_ms': limits.keepaliveTimeoutMs,
     'grpc.max_connection_age_ms': limits.maxConnectionAgeMs,
@@ -153,18 +158,22 @@ export function reflectionDefinition(descriptorSet: Buffer): protoLoader.Package
   return definition;
 }
 
-function hostPort(host: string, port: number): string {
-  const address = host.includes(':') && !host.startsWith('[') ? `[${host}]` : host;
-  return `${address}:${port}`;
-}
-
 export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
   const { em, services, log, currency } = deps;
   const credentials = deps.credentials ?? grpc.ServerCredentials.createInsecure();
   // Who made each admitted call, for the adapter's log line; entries go with the call's metadata.
   const callers = new WeakMap<grpc.Metadata, Caller>();
-  const interceptors = deps.tokens ? [createAuthInterceptor({ tokens: deps.tokens, log, callers })] : [];
-  const server = new grpc.Server({ ...serverOptions(deps.limits ?? DEFAULT_GRPC_LIMITS), interceptors });
+  const limits = deps.limits ?? DEFAULT_GRPC_LIMITS;
+  // The stream guard must come first: only the first interceptor is handed grpc-js's own call object (./streams.ts).
+  const interceptors = [
+    createStreamGuard({
+      log,
+      maxOpenCallsPerConnection: limits.maxOpenCallsPerConnection,
+      maxReceiveMessageBytes: limits.maxReceiveMessageBytes,
+    }),
+    ...(deps.tokens ? [createAuthInterceptor({ tokens: deps.tokens, log, callers })] : []),
+  ];
+  const server = new grpc.Server({ ...serverOptions(limits), interceptors });
   const unary = createUnary({ em, log, callerOf: (metadata) => callers.get(metadata)?.name });
 
   server.addService(userPb.UserServiceService, createUserHandlers({ unary, users: services.users }));
@@ -187,17 +196,17 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
 
   let shuttingDown = false;
   let stopped: Promise<void> | undefined;
+  let listener: Listener | undefined;
   const setAll = (status: 'SERVING' | 'NOT_SERVING') => {
     for (const name of allNames) health.setStatus(name, status);
   };
 
   return {
-    bind(host, port) {
-      return new Promise<number>((resolve, reject) => {
-        server.bindAsync(hostPort(host, port), credentials, (err, bound) =>
-          err ? reject(err) : resolve(bound),
-        );
-      });
+    async bind(host, port) {
+      if (listener) throw new Error('the gRPC server is bound already');
+      const injector = server.createConnectionInjector(credentials);
+      listener = await listen({ host, port, maxConnections: limits.maxConnections, injector, log });
+      return listener.port;
     },
 
     setServing(serving) {
@@ -207,16 +216,22 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
     shutdown(graceMs) {
       shuttingDown = true;
       setAll('NOT_SERVING');
+      listener?.close();
       stopped ??= new Promise<void>((resolve) => {
+        const done = () => {
+          // Connections that never became HTTP/2 sessions (a TLS handshake in progress) are not grpc-js's to close.
+          listener?.destroyAll();
+          resolve();
+        };
         const force = setTimeout(() => {
           log.warn({ graceMs }, 'calls still running after the grace period; closing them');
           server.forceShutdown();
-          resolve();
+          done();
         }, graceMs);
         server.tryShutdown((err) => {
           clearTimeout(force);
           if (err) log.warn({ err }, 'graceful gRPC shutdown reported an error');
-          resolve();
+          done();
         });
       });
       return stopped;
