@@ -25,6 +25,7 @@ import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 import { createUnary } from './adapter';
 import { createAuthInterceptor, type Caller, type TokenTable } from './auth';
+import { installGrpcLogger } from './grpc-log';
 import { listen, type Listener } from './listener';
 import { createStreamGuard } from './streams';
 import { createBillingHandlers } from './billing.handlers';
@@ -160,6 +161,8 @@ export function reflectionDefinition(descriptorSet: Buffer): protoLoader.Package
 
 export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
   const { em, services, log, currency } = deps;
+  // grpc-js's own messages (which can quote request headers) go to pino, redacted, from now on.
+  installGrpcLogger(log);
   const credentials = deps.credentials ?? grpc.ServerCredentials.createInsecure();
   // Who made each admitted call, for the adapter's log line; entries go with the call's metadata.
   const callers = new WeakMap<grpc.Metadata, Caller>();
