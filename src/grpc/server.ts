@@ -1,19 +1,17 @@
 /**
  * The gRPC server: the four billing services, gRPC health (NOT_SERVING until
  * the app says otherwise, and again from the start of shutdown) and server
- * reflection fed from the real descriptor set that `buf build` wrote.
+ * reflection fed from the real descriptor set that `buf build` wrote, plus
+ * health, reflection and google.rpc.ErrorInfo (./reflection.ts).
  * Optionally bearer-token authentication (./auth.ts), TLS or mutual TLS, and
  * the transport limits from the config: per call and stream (./streams.ts, the
  * first interceptor) and per connection (./listener.ts owns the listening
  * sockets, to cap their number).
  */
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 import * as tls from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
-import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
-import { BinaryReader, WireType } from '@bufbuild/protobuf/wire';
 import type { EntityManager } from '@mikro-orm/knex';
 import { HealthImplementation, type ServingStatusMap } from 'grpc-health-check';
 import type { Logger } from 'pino';
@@ -27,6 +25,7 @@ import { createUnary } from './adapter';
 import { createAuthInterceptor, type Caller, type TokenTable } from './auth';
 import { installGrpcLogger } from './grpc-log';
 import { listen, type Listener } from './listener';
+import { DESCRIPTOR_SET_PATH, reflectionDefinition } from './reflection';
 import { createStreamGuard } from './streams';
 import { createBillingHandlers } from './billing.handlers';
 import { createJobHandlers } from './job.handlers';
@@ -110,12 +109,6 @@ export function serverCredentials(config: Readonly<TlsConfig> | null): grpc.Serv
   return grpc.ServerCredentials.createSsl(ca, [{ cert_chain: cert, private_key: key }], ca !== null);
 }
 
-/**
- * generated/billing.binpb, found from src/grpc/ (ts-jest) and from
- * dist/src/grpc/ (compiled; the build copies it to dist/generated/) alike.
- */
-export const DESCRIPTOR_SET_PATH = path.resolve(__dirname, '..', '..', 'generated', 'billing.binpb');
-
 /** The fully-qualified names health reports on, besides the overall ''. */
 export const SERVICE_NAMES: readonly string[] = [
   userPb.UserServiceClient.serviceName,
@@ -123,41 +116,6 @@ export const SERVICE_NAMES: readonly string[] = [
   billingPb.BillingServiceClient.serviceName,
   jobPb.JobServiceClient.serviceName,
 ];
-
-/** The FileDescriptorProtos of a FileDescriptorSet { repeated FileDescriptorProto file = 1; }, byte for byte. */
-function splitDescriptorSet(set: Uint8Array): Buffer[] {
-  const reader = new BinaryReader(set);
-  const files: Buffer[] = [];
-  while (reader.pos < reader.len) {
-    const [field, type] = reader.tag();
-    if (field === 1 && type === WireType.LengthDelimited) files.push(Buffer.from(reader.bytes()));
-    else reader.skip(type, field);
-  }
-  return files;
-}
-
-const isTypeDefinition = (
-  def: protoLoader.AnyDefinition,
-): def is protoLoader.MessageTypeDefinition<object, object> | protoLoader.EnumTypeDefinition =>
-  typeof def.format === 'string' && Array.isArray(def.fileDescriptorProtos);
-
-/**
- * The package definition reflection serves. proto-loader re-derives file
- * descriptors from its parsed schema, merging every file of a package into one
- * that declares no imports; `buf curl` cannot link that (the Timestamp import
- * is missing) and reports "failed to find service". So every type keeps its
- * definition but carries the files exactly as `buf build` wrote them.
- */
-export function reflectionDefinition(descriptorSet: Buffer): protoLoader.PackageDefinition {
-  const loaded = protoLoader.loadFileDescriptorSetFromBuffer(descriptorSet);
-  const files = splitDescriptorSet(descriptorSet);
-  const definition: protoLoader.PackageDefinition = {};
-  for (const [name, def] of Object.entries(loaded)) {
-    // Message and enum entries carry descriptors; service entries are maps of methods.
-    definition[name] = isTypeDefinition(def) ? { ...def, fileDescriptorProtos: files } : def;
-  }
-  return definition;
-}
 
 export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
   const { em, services, log, currency } = deps;

@@ -13,7 +13,7 @@
 import * as fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
-import { DESCRIPTOR_SET_PATH } from '../../src/grpc/server';
+import { DESCRIPTOR_SET_PATH } from '../../src/grpc/reflection';
 import { call, money, reasonOf, startTestApp, type TestApp } from '../helpers/harness';
 
 interface Field {
