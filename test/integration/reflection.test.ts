@@ -192,6 +192,19 @@ describe('server reflection', () => {
     expect(file).toContain('ErrorInfo');
   });
 
+  it("shows the error reason in buf curl's output exactly as the README's Errors section says", async () => {
+    const readme = fs.readFileSync(README, 'utf8');
+    const block = /```console\n\$ (npx buf curl [^\n]*UserService\/GetUser)\n([\s\S]*?)\n```/.exec(readme);
+    expect(block).not.toBeNull();
+    const command = tokenize(block![1].replace('http://127.0.0.1:50051', `http://127.0.0.1:${t.port}`));
+    const res = await run(command);
+    expect(res.exitCode).toBe(grpc.status.NOT_FOUND << 3);
+    expect(JSON.parse(res.stderr)).toEqual(JSON.parse(block![2]));
+    // And -v shows the reason trailer, as the README says.
+    const verbose = await run([...command.slice(0, 3), '-v', ...command.slice(3)]);
+    expect(verbose.stderr).toContain('Billing-Error-Reason: USER_NOT_FOUND');
+  });
+
   it('gives buf curl the status code and a google.rpc.ErrorInfo detail for a rejected request', async () => {
     const res = await bufCurl([
       '--data',
