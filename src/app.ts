@@ -8,7 +8,7 @@ import { checkExposure, type Config } from './config';
 import { openOrm, type Orm } from './db/orm';
 import { createBillingService } from './billing/billing.service';
 import type { BillingService } from './billing/billing.types';
-import { loadTokensFile } from './grpc/auth';
+import { loadTokensFile, tokensFileWarning } from './grpc/auth';
 import { createGrpcServer, serverCredentials, type GrpcServer } from './grpc/server';
 import { createCron, type Cron } from './jobs/cron';
 import { createJobsService } from './jobs/jobs.service';
@@ -59,6 +59,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
   // is a ConfigError before anything is opened.
   const warnings = checkExposure(config);
   const tokens = config.authTokensFile ? loadTokensFile(config.authTokensFile) : null;
+  const tokensFileMode = config.authTokensFile ? tokensFileWarning(config.authTokensFile) : null;
   const credentials = serverCredentials(config.tls);
   const orm = await openOrm(config.database, log);
   try {
@@ -111,6 +112,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
     cron?.start();
     grpc.setServing(true);
     for (const warning of warnings) log.warn({ security: true }, warning);
+    if (tokensFileMode) log.warn({ security: true, mode: tokensFileMode.mode }, tokensFileMode.message);
     const auth = tokens ? `tokens (${tokens.names.length})` : 'off';
     const transport = config.tls === null ? 'plaintext' : config.tls.clientCaFile === null ? 'tls' : 'mtls';
     log.info({ host: config.grpcHost, port, database: config.database.kind, auth, transport }, 'billing-service ready');

@@ -55,6 +55,12 @@ export interface GrpcLimits {
   maxSendMessageBytes: number;
   /** Concurrent calls (HTTP/2 streams) per connection. */
   maxConcurrentStreams: number;
+  /** Open connections, counting ones still in their TLS or HTTP/2 handshake; more are closed at once. */
+  maxConnections: number;
+  /** A connection with no call for this long is closed (also one that never completes its HTTP/2 preface). */
+  maxConnectionIdleMs: number;
+  /** Health and reflection calls (open to clients without a token) one connection may have running at once. */
+  maxOpenCallsPerConnection: number;
   /** Idle time after which the server pings a connection, and how long it waits for the answer. */
   keepaliveTimeMs: number;
   keepaliveTimeoutMs: number;
@@ -69,6 +75,9 @@ export const DEFAULT_GRPC_LIMITS: Readonly<GrpcLimits> = Object.freeze({
   maxReceiveMessageBytes: 1 * MiB,
   maxSendMessageBytes: 4 * MiB,
   maxConcurrentStreams: 1000,
+  maxConnections: 500,
+  maxConnectionIdleMs: 5 * 60 * 1000,
+  maxOpenCallsPerConnection: 8,
   keepaliveTimeMs: 2 * 60 * 60 * 1000,
   keepaliveTimeoutMs: 20_000,
   maxConnectionAgeMs: 30 * 60 * 1000,
@@ -160,6 +169,9 @@ function limits(env: Env): GrpcLimits {
     // Reflection answers with the whole descriptor set (about 42 KiB), so sending needs at least 64 KiB.
     maxSendMessageBytes: int(env, 'MAX_SEND_MESSAGE_BYTES', d.maxSendMessageBytes, 64 * 1024, 64 * MiB),
     maxConcurrentStreams: int(env, 'MAX_CONCURRENT_STREAMS', d.maxConcurrentStreams, 1, 100_000),
+    maxConnections: int(env, 'MAX_CONNECTIONS', d.maxConnections, 1, 100_000),
+    maxConnectionIdleMs: int(env, 'MAX_CONNECTION_IDLE_MS', d.maxConnectionIdleMs, 1000, 7 * 86_400_000),
+    maxOpenCallsPerConnection: int(env, 'MAX_OPEN_CALLS_PER_CONNECTION', d.maxOpenCallsPerConnection, 1, 1000),
     keepaliveTimeMs: int(env, 'KEEPALIVE_TIME_MS', d.keepaliveTimeMs, 10_000, 86_400_000),
     keepaliveTimeoutMs: int(env, 'KEEPALIVE_TIMEOUT_MS', d.keepaliveTimeoutMs, 1000, 600_000),
     // Node timers cap at 2^31-1 ms (about 24.8 days); 7 days is plenty.

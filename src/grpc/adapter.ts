@@ -2,6 +2,9 @@
  * The unary adapter: turns a plain `async (request, ctx) => response` into a
  * grpc-js handler.
  *
+ * - Every string field of the request is checked first: a control character
+ *   (other than tab, LF, CR) is INVALID_ARGUMENT/INVALID_CHARACTERS naming the
+ *   field (./request-strings.ts), whatever the RPC.
  * - Each call gets its own unit of work: `rootEm.fork()`, handed down in ctx.
  * - The callback runs exactly once, with the response or with the status the
  *   error table (./status.ts) picks for whatever was thrown.
@@ -16,6 +19,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Logger } from 'pino';
+import { checkRequestStrings } from './request-strings';
 import { rpcLogLevel } from './rpc-log';
 import { describeError, INTERNAL_MESSAGE, INTERNAL_REASON, type ErrorStatus } from './status';
 
@@ -78,7 +82,11 @@ export function createUnary(deps: AdapterDeps): Unary {
 
       // Promise.resolve().then also catches a handler that throws synchronously.
       Promise.resolve()
-        .then(() => handler(call.request, { em: rootEm.fork(), metadata: call.metadata }))
+        .then(() => {
+          // One rule for every string of every request, before any handler sees it.
+          checkRequestStrings(call.request);
+          return handler(call.request, { em: rootEm.fork(), metadata: call.metadata });
+        })
         .then(succeed, fail)
         .catch((err: unknown) => {
           // Only reached if calling back or logging threw; never let it escape.

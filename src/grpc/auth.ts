@@ -13,6 +13,9 @@
  *   may not call the method is PERMISSION_DENIED. Either way the status is
  *   sent before the request message is even read, so the handler never runs.
  * - gRPC health and reflection stay open.
+ * - An `authorization` header grpc-js could not take as metadata (a tab or a
+ *   non-breaking space in it) is MALFORMED_TOKEN; ./grpc-log.ts keeps its
+ *   value out of the log and tells this interceptor it was there.
  * - The `authorization` entry is removed before the metadata reaches a
  *   handler, and no token ever goes to a log: only the caller's name does.
  * - A refused call's `rpc` line is written only with the access log on
@@ -25,6 +28,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { ConfigError } from '../config';
 import { AppError } from '../shared/errors';
+import { takeDroppedHeaders } from './grpc-log';
 import { rpcLogLevel } from './rpc-log';
 import { describeError } from './status';
 
@@ -89,7 +93,7 @@ export const METHOD_ROLES: Readonly<Record<string, readonly Role[]>> = Object.fr
 export const serviceOf = (path: string): string => path.split('/')[1] ?? '';
 
 /** '/pkg.Service/Method' -> 'Method', the name the adapter logs. */
-const methodOf = (path: string): string => path.slice(path.lastIndexOf('/') + 1);
+export const methodOf = (path: string): string => path.slice(path.lastIndexOf('/') + 1);
 
 /** The roles that may call a method: 'open' for health and reflection. */
 export function rolesFor(path: string): readonly Role[] | 'open' {
@@ -192,6 +196,29 @@ export function parseTokens(text: string, source: string = TOKENS_VARIABLE): Tok
   };
 }
 
+/**
+ * A start-up warning when the tokens file may be read or changed by anyone but
+ * its owner (mode & 0o077): the file holds every token in clear.
+ */
+export function tokensFileWarning(path: string): { message: string; mode: string } | null {
+  if (process.platform === 'win32') return null; // no Unix permission bits
+  let mode: number;
+  try {
+    mode = fs.statSync(path).mode & 0o777;
+  } catch {
+    return null; // loadTokensFile reports an unreadable file
+  }
+  if ((mode & 0o077) === 0) return null;
+  const octal = `0${mode.toString(8).padStart(3, '0')}`;
+  const what = [mode & 0o044 ? 'readable' : '', mode & 0o022 ? 'writable' : ''].filter(Boolean).join(' and ') || 'open';
+  return {
+    mode: octal,
+    message:
+      `${TOKENS_VARIABLE} (${path}) is ${what} by group or others (mode ${octal}): other local users could read ` +
+      `or change the tokens. Make it the service user's alone: chmod 600 ${path}`,
+  };
+}
+
 /** Reads and validates AUTH_TOKENS_FILE; any problem is a ConfigError naming it. */
 export function loadTokensFile(path: string): TokenTable {
   let text: string;
@@ -215,13 +242,26 @@ const BEARER = /^Bearer +([A-Za-z0-9\-._~+/]+=*)$/i;
 
 export type Verdict = { ok: true; caller: Caller | null } | { ok: false; error: AppError; caller?: Caller };
 
+const malformed = (): Verdict => ({
+  ok: false,
+  error: new AppError('UNAUTHENTICATED', MALFORMED_TOKEN, 'the authorization metadata must be one "Bearer <token>"'),
+});
+
 /**
  * Decides one call from its method path and its `authorization` metadata
- * values. `caller` is null for an open method.
+ * values. `headerDropped`: the client sent an authorization header that grpc-js
+ * could not turn into metadata (see ./grpc-log.ts), so it is malformed, not
+ * missing. `caller` is null for an open method.
  */
-export function authorize(tokens: TokenTable, path: string, authorization: grpc.MetadataValue[]): Verdict {
+export function authorize(
+  tokens: TokenTable,
+  path: string,
+  authorization: grpc.MetadataValue[],
+  headerDropped = false,
+): Verdict {
   const roles = rolesFor(path);
   if (roles === 'open') return { ok: true, caller: null };
+  if (headerDropped) return malformed();
   if (authorization.length === 0) {
     return {
       ok: false,
@@ -230,12 +270,7 @@ export function authorize(tokens: TokenTable, path: string, authorization: grpc.
   }
   const header = authorization.length === 1 && typeof authorization[0] === 'string' ? authorization[0] : '';
   const match = BEARER.exec(header);
-  if (!match) {
-    return {
-      ok: false,
-      error: new AppError('UNAUTHENTICATED', MALFORMED_TOKEN, 'the authorization metadata must be one "Bearer <token>"'),
-    };
-  }
+  if (!match) return malformed();
   const caller = tokens.authenticate(match[1]);
   if (!caller) return { ok: false, error: new AppError('UNAUTHENTICATED', INVALID_TOKEN, 'the token is not valid') };
   if (!roles.includes(caller.role)) {
@@ -271,13 +306,15 @@ export interface AuthInterceptorDeps {
 export function createAuthInterceptor(deps: AuthInterceptorDeps): grpc.ServerInterceptor {
   const { tokens, log, callers, accessLog = false } = deps;
   return (method, call) => {
+    // Taken now, while grpc-js is still setting up this call: later it could be another call's.
+    const headerDropped = takeDroppedHeaders().includes('authorization');
     if (rolesFor(method.path) === 'open') return new grpc.ServerInterceptingCall(call);
     const started = process.hrtime.bigint();
     return new grpc.ServerInterceptingCall(call, {
       start: (next) =>
         next({
           onReceiveMetadata: (metadata, admit) => {
-            const verdict = authorize(tokens, method.path, metadata.get('authorization'));
+            const verdict = authorize(tokens, method.path, metadata.get('authorization'), headerDropped);
             if (verdict.ok) {
               metadata.remove('authorization');
               if (verdict.caller) callers.set(metadata, verdict.caller);

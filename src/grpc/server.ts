@@ -1,17 +1,17 @@
 /**
  * The gRPC server: the four billing services, gRPC health (NOT_SERVING until
  * the app says otherwise, and again from the start of shutdown) and server
- * reflection fed from the real descriptor set that `buf build` wrote.
+ * reflection fed from the real descriptor set that `buf build` wrote, plus
+ * health, reflection and google.rpc.ErrorInfo (./reflection.ts).
  * Optionally bearer-token authentication (./auth.ts), TLS or mutual TLS, and
- * the transport limits from the config.
+ * the transport limits from the config: per call and stream (./streams.ts, the
+ * first interceptor) and per connection (./listener.ts owns the listening
+ * sockets, to cap their number).
  */
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 import * as tls from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
-import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
-import { BinaryReader, WireType } from '@bufbuild/protobuf/wire';
 import type { EntityManager } from '@mikro-orm/knex';
 import { HealthImplementation, type ServingStatusMap } from 'grpc-health-check';
 import type { Logger } from 'pino';
@@ -23,6 +23,10 @@ import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 import { createUnary } from './adapter';
 import { createAuthInterceptor, type Caller, type TokenTable } from './auth';
+import { installGrpcLogger } from './grpc-log';
+import { listen, type Listener } from './listener';
+import { DESCRIPTOR_SET_PATH, reflectionDefinition } from './reflection';
+import { createStreamGuard } from './streams';
 import { createBillingHandlers } from './billing.handlers';
 import { createJobHandlers } from './job.handlers';
 import { createUserHandlers } from './user.handlers';
@@ -60,6 +64,7 @@ export function serverOptions(limits: Readonly<GrpcLimits>): grpc.ServerOptions 
     'grpc.max_receive_message_length': limits.maxReceiveMessageBytes,
     'grpc.max_send_message_length': limits.maxSendMessageBytes,
     'grpc.max_concurrent_streams': limits.maxConcurrentStreams,
+    'grpc.max_connection_idle_ms': limits.maxConnectionIdleMs,
     'grpc.keepalive_time_ms': limits.keepaliveTimeMs,
     'grpc.keepalive_timeout_ms': limits.keepaliveTimeoutMs,
     'grpc.max_connection_age_ms': limits.maxConnectionAgeMs,
@@ -106,12 +111,6 @@ export function serverCredentials(config: Readonly<TlsConfig> | null): grpc.Serv
   return grpc.ServerCredentials.createSsl(ca, [{ cert_chain: cert, private_key: key }], ca !== null);
 }
 
-/**
- * generated/billing.binpb, found from src/grpc/ (ts-jest) and from
- * dist/src/grpc/ (compiled; the build copies it to dist/generated/) alike.
- */
-export const DESCRIPTOR_SET_PATH = path.resolve(__dirname, '..', '..', 'generated', 'billing.binpb');
-
 /** The fully-qualified names health reports on, besides the overall ''. */
 export const SERVICE_NAMES: readonly string[] = [
   userPb.UserServiceClient.serviceName,
@@ -120,53 +119,24 @@ export const SERVICE_NAMES: readonly string[] = [
   jobPb.JobServiceClient.serviceName,
 ];
 
-/** The FileDescriptorProtos of a FileDescriptorSet { repeated FileDescriptorProto file = 1; }, byte for byte. */
-function splitDescriptorSet(set: Uint8Array): Buffer[] {
-  const reader = new BinaryReader(set);
-  const files: Buffer[] = [];
-  while (reader.pos < reader.len) {
-    const [field, type] = reader.tag();
-    if (field === 1 && type === WireType.LengthDelimited) files.push(Buffer.from(reader.bytes()));
-    else reader.skip(type, field);
-  }
-  return files;
-}
-
-const isTypeDefinition = (
-  def: protoLoader.AnyDefinition,
-): def is protoLoader.MessageTypeDefinition<object, object> | protoLoader.EnumTypeDefinition =>
-  typeof def.format === 'string' && Array.isArray(def.fileDescriptorProtos);
-
-/**
- * The package definition reflection serves. proto-loader re-derives file
- * descriptors from its parsed schema, merging every file of a package into one
- * that declares no imports; `buf curl` cannot link that (the Timestamp import
- * is missing) and reports "failed to find service". So every type keeps its
- * definition but carries the files exactly as `buf build` wrote them.
- */
-export function reflectionDefinition(descriptorSet: Buffer): protoLoader.PackageDefinition {
-  const loaded = protoLoader.loadFileDescriptorSetFromBuffer(descriptorSet);
-  const files = splitDescriptorSet(descriptorSet);
-  const definition: protoLoader.PackageDefinition = {};
-  for (const [name, def] of Object.entries(loaded)) {
-    // Message and enum entries carry descriptors; service entries are maps of methods.
-    definition[name] = isTypeDefinition(def) ? { ...def, fileDescriptorProtos: files } : def;
-  }
-  return definition;
-}
-
-function hostPort(host: string, port: number): string {
-  const address = host.includes(':') && !host.startsWith('[') ? `[${host}]` : host;
-  return `${address}:${port}`;
-}
-
 export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
   const { em, services, log, currency, accessLog = false } = deps;
+  // grpc-js's own messages (which can quote request headers) go to pino, redacted, from now on.
+  installGrpcLogger(log);
   const credentials = deps.credentials ?? grpc.ServerCredentials.createInsecure();
   // Who made each admitted call, for the adapter's log line; entries go with the call's metadata.
   const callers = new WeakMap<grpc.Metadata, Caller>();
-  const interceptors = deps.tokens ? [createAuthInterceptor({ tokens: deps.tokens, log, callers, accessLog })] : [];
-  const server = new grpc.Server({ ...serverOptions(deps.limits ?? DEFAULT_GRPC_LIMITS), interceptors });
+  const limits = deps.limits ?? DEFAULT_GRPC_LIMITS;
+  // The stream guard must come first: only the first interceptor is handed grpc-js's own call object (./streams.ts).
+  const interceptors = [
+    createStreamGuard({
+      log,
+      maxOpenCallsPerConnection: limits.maxOpenCallsPerConnection,
+      maxReceiveMessageBytes: limits.maxReceiveMessageBytes,
+    }),
+    ...(deps.tokens ? [createAuthInterceptor({ tokens: deps.tokens, log, callers, accessLog })] : []),
+  ];
+  const server = new grpc.Server({ ...serverOptions(limits), interceptors });
   const unary = createUnary({ em, log, callerOf: (metadata) => callers.get(metadata)?.name, accessLog });
 
   server.addService(userPb.UserServiceService, createUserHandlers({ unary, users: services.users }));
@@ -189,17 +159,17 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
 
   let shuttingDown = false;
   let stopped: Promise<void> | undefined;
+  let listener: Listener | undefined;
   const setAll = (status: 'SERVING' | 'NOT_SERVING') => {
     for (const name of allNames) health.setStatus(name, status);
   };
 
   return {
-    bind(host, port) {
-      return new Promise<number>((resolve, reject) => {
-        server.bindAsync(hostPort(host, port), credentials, (err, bound) =>
-          err ? reject(err) : resolve(bound),
-        );
-      });
+    async bind(host, port) {
+      if (listener) throw new Error('the gRPC server is bound already');
+      const injector = server.createConnectionInjector(credentials);
+      listener = await listen({ host, port, maxConnections: limits.maxConnections, injector, log });
+      return listener.port;
     },
 
     setServing(serving) {
@@ -209,16 +179,22 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
     shutdown(graceMs) {
       shuttingDown = true;
       setAll('NOT_SERVING');
+      listener?.close();
       stopped ??= new Promise<void>((resolve) => {
+        const done = () => {
+          // Connections that never became HTTP/2 sessions (a TLS handshake in progress) are not grpc-js's to close.
+          listener?.destroyAll();
+          resolve();
+        };
         const force = setTimeout(() => {
           log.warn({ graceMs }, 'calls still running after the grace period; closing them');
           server.forceShutdown();
-          resolve();
+          done();
         }, graceMs);
         server.tryShutdown((err) => {
           clearTimeout(force);
           if (err) log.warn({ err }, 'graceful gRPC shutdown reported an error');
-          resolve();
+          done();
         });
       });
       return stopped;

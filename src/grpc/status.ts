@@ -6,7 +6,8 @@
  * INTERNAL with the fixed message "internal error": the original error and its
  * stack go to the log only, so no SQL, path or stack trace reaches a client.
  *
- * The machine-readable reason travels two ways, for plain and rich clients:
+ * The machine-readable reason travels three ways: at the end of the status
+ * message ("user 999 not found [USER_NOT_FOUND]", for people), and for programs:
  * - trailers `billing-error-reason` (and `billing-error-field` when a request
  *   field is at fault);
  * - `grpc-status-details-bin`: a serialized google.rpc.Status whose one detail
@@ -80,7 +81,18 @@ export function encodeStatusDetails(code: grpc.status, message: string, reason: 
   return Buffer.from(w.finish());
 }
 
-function statusOf(code: grpc.status, details: string, reason: string, field?: string): ErrorStatus {
+/**
+ * The status message: the error's message, then its reason in brackets
+ * ("user 999 not found [USER_NOT_FOUND]"), so that the reason shows where only
+ * the message does (`buf curl` prints the ErrorInfo detail as base64). INTERNAL
+ * stays exactly "internal error".
+ */
+export function statusMessage(message: string, reason: string): string {
+  return reason === INTERNAL_REASON ? message : `${message} [${reason}]`;
+}
+
+function statusOf(code: grpc.status, message: string, reason: string, field?: string): ErrorStatus {
+  const details = statusMessage(message, reason);
   const metadata = new grpc.Metadata();
   metadata.set(REASON_KEY, reason);
   const info: Record<string, string> = {};

@@ -243,7 +243,15 @@ describe('bearer-token authentication', () => {
     const res = await bufCurl(['--protocol', 'grpc', '--http2-prior-knowledge', '--list-services', `http://127.0.0.1:${t.port}`]);
     expect(res.exitCode).toBe(0);
     expect(res.stdout.trim().split('\n').sort()).toEqual(
-      ['billing.v1.BillingService', 'billing.v1.JobService', 'billing.v1.UserService', 'billing.v1.WalletService'].sort(),
+      [
+        'billing.v1.BillingService',
+        'billing.v1.JobService',
+        'billing.v1.UserService',
+        'billing.v1.WalletService',
+        'grpc.health.v1.Health',
+        'grpc.reflection.v1.ServerReflection',
+        'grpc.reflection.v1alpha.ServerReflection',
+      ].sort(),
     );
   });
 

@@ -1,4 +1,5 @@
 import { execFile } from 'node:child_process';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import type { EntityManager } from '@mikro-orm/knex';
@@ -57,6 +58,31 @@ function check(client: HealthClient, service: string): Promise<ServingStatus> {
 }
 
 const BILLING_SERVICES = ['billing.v1.UserService', 'billing.v1.WalletService', 'billing.v1.BillingService', 'billing.v1.JobService'];
+const STANDARD_SERVICES = ['grpc.health.v1.Health', 'grpc.reflection.v1.ServerReflection', 'grpc.reflection.v1alpha.ServerReflection'];
+const README = path.resolve(__dirname, '..', '..', 'README.md');
+
+/** Splits a shell command line into words: '...' quoted or separated by spaces (enough for the README's commands). */
+function tokenize(line: string): string[] {
+  return [...line.matchAll(/'([^']*)'|(\S+)/g)].map((m) => m[1] ?? m[2]);
+}
+
+/** The command the pattern's first group finds in the README, with `from` replaced by `to`, as words. */
+function readmeCommand(pattern: RegExp, from: string, to: string): string[] {
+  const found = pattern.exec(fs.readFileSync(README, 'utf8'));
+  if (!found) throw new Error(`README.md has no command matching ${pattern}`);
+  return tokenize(found[1].replace(from, to));
+}
+
+/** Runs `npx buf curl ...` words with the installed buf (node_modules/.bin/buf, what npx runs). */
+function run(words: string[]): Promise<BufResult> {
+  expect(words.slice(0, 3)).toEqual(['npx', 'buf', 'curl']);
+  return new Promise((resolve) => {
+    execFile(BUF, words.slice(2), { timeout: 30_000 }, (err, stdout, stderr) => {
+      const code = err ? (err as NodeJS.ErrnoException & { code?: number | string }).code : 0;
+      resolve({ exitCode: typeof code === 'number' ? code : -1, stdout, stderr });
+    });
+  });
+}
 
 describe('server reflection', () => {
   let t: TestApp;
@@ -84,7 +110,7 @@ describe('server reflection', () => {
   it('lists every method of the four billing services with buf curl --list-methods', async () => {
     const res = await bufCurl(['--list-methods', `http://127.0.0.1:${t.port}`]);
     expect(res.exitCode).toBe(0);
-    const methods = res.stdout.trim().split('\n').sort();
+    const methods = res.stdout.trim().split('\n').filter((m) => m.startsWith('billing.v1.')).sort();
     expect(methods).toEqual(
       [
         'billing.v1.BillingService/CreateBillingRecord',
@@ -111,10 +137,72 @@ describe('server reflection', () => {
     );
   });
 
-  it('lists the four billing services with buf curl --list-services', async () => {
+  it('lists the four billing services, health and reflection itself with buf curl --list-services', async () => {
     const res = await bufCurl(['--list-services', `http://127.0.0.1:${t.port}`]);
     expect(res.exitCode).toBe(0);
-    expect(res.stdout.trim().split('\n').sort()).toEqual([...BILLING_SERVICES].sort());
+    expect(res.stdout.trim().split('\n').sort()).toEqual([...BILLING_SERVICES, ...STANDARD_SERVICES].sort());
+  });
+
+  it('lists the health and reflection methods with buf curl --list-methods', async () => {
+    const res = await bufCurl(['--list-methods', `http://127.0.0.1:${t.port}`]);
+    expect({ exitCode: res.exitCode, stderr: res.stderr }).toEqual({ exitCode: 0, stderr: '' });
+    expect(res.stdout.trim().split('\n').filter((m) => !m.startsWith('billing.v1.'))).toEqual([
+      'grpc.health.v1.Health/Check',
+      'grpc.health.v1.Health/List',
+      'grpc.health.v1.Health/Watch',
+      'grpc.reflection.v1.ServerReflection/ServerReflectionInfo',
+      'grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo',
+    ]);
+  });
+
+  it("runs the README's health check command as written (schema from reflection alone)", async () => {
+    // Deployment > Health checks: `npx buf curl --protocol grpc --http2-prior-knowledge http://HOST:50051/grpc.health.v1.Health/Check`
+    const command = readmeCommand(/`(npx buf curl [^`]*grpc\.health\.v1\.Health\/Check)`/, 'http://HOST:50051', `http://127.0.0.1:${t.port}`);
+    const res = await run(command);
+    expect({ exitCode: res.exitCode, stderr: res.stderr, body: res.stdout && JSON.parse(res.stdout) }).toEqual({
+      exitCode: 0,
+      stderr: '',
+      body: { status: 'SERVING' },
+    });
+  });
+
+  it('calls the reflection service itself through buf curl, v1 and v1alpha', async () => {
+    for (const version of ['v1', 'v1alpha']) {
+      const res = await bufCurl([
+        '--data',
+        '{"list_services":""}',
+        `http://127.0.0.1:${t.port}/grpc.reflection.${version}.ServerReflection/ServerReflectionInfo`,
+      ]);
+      expect({ version, exitCode: res.exitCode, stderr: res.stderr }).toEqual({ version, exitCode: 0, stderr: '' });
+      const body = JSON.parse(res.stdout) as { listServicesResponse: { service: { name: string }[] } };
+      expect(body.listServicesResponse.service.map((x) => x.name).sort()).toEqual([...BILLING_SERVICES, ...STANDARD_SERVICES].sort());
+    }
+  });
+
+  it('describes google.rpc.ErrorInfo, the error detail type, through reflection', async () => {
+    const res = await bufCurl([
+      '--data',
+      '{"file_containing_symbol":"google.rpc.ErrorInfo"}',
+      `http://127.0.0.1:${t.port}/grpc.reflection.v1.ServerReflection/ServerReflectionInfo`,
+    ]);
+    expect(res.exitCode).toBe(0);
+    const body = JSON.parse(res.stdout) as { fileDescriptorResponse?: { fileDescriptorProto: string[] } };
+    const file = Buffer.from(body.fileDescriptorResponse!.fileDescriptorProto[0], 'base64').toString('latin1');
+    expect(file).toContain('google/rpc/error_details.proto');
+    expect(file).toContain('ErrorInfo');
+  });
+
+  it("shows the error reason in buf curl's output exactly as the README's Errors section says", async () => {
+    const readme = fs.readFileSync(README, 'utf8');
+    const block = /```console\n\$ (npx buf curl [^\n]*UserService\/GetUser)\n([\s\S]*?)\n```/.exec(readme);
+    expect(block).not.toBeNull();
+    const command = tokenize(block![1].replace('http://127.0.0.1:50051', `http://127.0.0.1:${t.port}`));
+    const res = await run(command);
+    expect(res.exitCode).toBe(grpc.status.NOT_FOUND << 3);
+    expect(JSON.parse(res.stderr)).toEqual(JSON.parse(block![2]));
+    // And -v shows the reason trailer, as the README says.
+    const verbose = await run([...command.slice(0, 3), '-v', ...command.slice(3)]);
+    expect(verbose.stderr).toContain('Billing-Error-Reason: USER_NOT_FOUND');
   });
 
   it('gives buf curl the status code and a google.rpc.ErrorInfo detail for a rejected request', async () => {

@@ -234,11 +234,14 @@ describe('loadConfig security settings', () => {
 });
 
 describe('loadConfig transport limits', () => {
-  it('defaults to 1 MiB in, 4 MiB out, 1000 streams, 2 h keepalive with 20 s timeout, 30 min connection age + 30 s', () => {
+  it('defaults to 1 MiB in, 4 MiB out, 1000 streams, 500 connections idle for at most 5 min, 8 open-service calls per connection, 2 h keepalive with 20 s timeout, 30 min connection age + 30 s', () => {
     expect(loadConfig({}).limits).toEqual({
       maxReceiveMessageBytes: 1_048_576,
       maxSendMessageBytes: 4_194_304,
       maxConcurrentStreams: 1000,
+      maxConnections: 500,
+      maxConnectionIdleMs: 300_000,
+      maxOpenCallsPerConnection: 8,
       keepaliveTimeMs: 7_200_000,
       keepaliveTimeoutMs: 20_000,
       maxConnectionAgeMs: 1_800_000,
@@ -253,6 +256,9 @@ describe('loadConfig transport limits', () => {
         MAX_RECEIVE_MESSAGE_BYTES: '65536',
         MAX_SEND_MESSAGE_BYTES: '131072',
         MAX_CONCURRENT_STREAMS: '64',
+        MAX_CONNECTIONS: '20',
+        MAX_CONNECTION_IDLE_MS: '60000',
+        MAX_OPEN_CALLS_PER_CONNECTION: '2',
         KEEPALIVE_TIME_MS: '60000',
         KEEPALIVE_TIMEOUT_MS: '5000',
         MAX_CONNECTION_AGE_MS: '600000',
@@ -262,6 +268,9 @@ describe('loadConfig transport limits', () => {
       maxReceiveMessageBytes: 65536,
       maxSendMessageBytes: 131072,
       maxConcurrentStreams: 64,
+      maxConnections: 20,
+      maxConnectionIdleMs: 60000,
+      maxOpenCallsPerConnection: 2,
       keepaliveTimeMs: 60000,
       keepaliveTimeoutMs: 5000,
       maxConnectionAgeMs: 600000,
@@ -289,6 +298,14 @@ describe('loadConfig rejects invalid security and limit settings with a ConfigEr
     ['MAX_SEND_MESSAGE_BYTES', { MAX_SEND_MESSAGE_BYTES: '-1' }],
     ['MAX_CONCURRENT_STREAMS', { MAX_CONCURRENT_STREAMS: '0' }],
     ['MAX_CONCURRENT_STREAMS', { MAX_CONCURRENT_STREAMS: 'many' }],
+    ['MAX_CONNECTIONS', { MAX_CONNECTIONS: '0' }],
+    ['MAX_CONNECTIONS', { MAX_CONNECTIONS: '100001' }],
+    ['MAX_CONNECTIONS', { MAX_CONNECTIONS: '1e3' }],
+    ['MAX_CONNECTION_IDLE_MS', { MAX_CONNECTION_IDLE_MS: '999' }],
+    ['MAX_CONNECTION_IDLE_MS', { MAX_CONNECTION_IDLE_MS: 'off' }],
+    ['MAX_CONNECTION_IDLE_MS', { MAX_CONNECTION_IDLE_MS: '604800001' }],
+    ['MAX_OPEN_CALLS_PER_CONNECTION', { MAX_OPEN_CALLS_PER_CONNECTION: '0' }],
+    ['MAX_OPEN_CALLS_PER_CONNECTION', { MAX_OPEN_CALLS_PER_CONNECTION: '1001' }],
     ['KEEPALIVE_TIME_MS', { KEEPALIVE_TIME_MS: '5' }],
     ['KEEPALIVE_TIMEOUT_MS', { KEEPALIVE_TIMEOUT_MS: '999' }],
     ['MAX_CONNECTION_AGE_MS', { MAX_CONNECTION_AGE_MS: '0' }],

@@ -112,15 +112,15 @@ describe('toServiceError', () => {
   // [kind, expected status name, expected code]: every kind maps to the gRPC code of the same name.
   const table = kinds.map((kind) => [kind, kind, grpc.status[kind]] as const);
 
-  it.each(table)('maps AppError kind %s to status %s, keeping its message and reason', (kind, _name, code) => {
+  it.each(table)('maps AppError kind %s to status %s, keeping its message (ending with the reason) and reason', (kind, _name, code) => {
     const { log, lines } = capturingLogger();
     const result = toServiceError(new AppError(kind, `SOME_${kind}`, `message for ${kind}`), log);
     expect(result.code).toBe(code);
-    expect(result.details).toBe(`message for ${kind}`);
+    expect(result.details).toBe(`message for ${kind} [SOME_${kind}]`);
     expect(trailer(result.metadata, 'billing-error-reason')).toBe(`SOME_${kind}`);
     expect(trailer(result.metadata, 'billing-error-field')).toBeUndefined();
     const { status, info } = statusDetails(result.metadata);
-    expect(status).toMatchObject({ code, message: `message for ${kind}` });
+    expect(status).toMatchObject({ code, message: `message for ${kind} [SOME_${kind}]` });
     expect(info).toEqual({ reason: `SOME_${kind}`, domain: 'billing.v1', metadata: {} });
     // A domain error is the client's business, not an operator's alarm.
     expect(lines.filter((l) => (l.level as number) >= 50)).toHaveLength(0);

@@ -1,0 +1,63 @@
+/**
+ * One rule for every string field of every request, applied by the unary
+ * adapter to the decoded request before any handler runs: no control
+ * characters other than tab, line feed and carriage return. Refused are
+ * U+0000-U+0008, U+000B, U+000C, U+000E-U+001F, U+007F and U+0080-U+009F.
+ *
+ * A NUL cut SQLite's statement short (the call failed INTERNAL) and PostgreSQL
+ * refuses it in text; the other controls have no place in billing data and
+ * make logs and terminals show something else than what is stored.
+ *
+ * The field is named as in the proto (snake_case, `amount.currency_code` for a
+ * nested one, `items[2]` for a repeated one): ts-proto turns `currency_code`
+ * into `currencyCode`, and that is turned back here.
+ */
+import { invalidArgument } from '../shared/errors';
+
+export const INVALID_CHARACTERS = 'INVALID_CHARACTERS';
+
+const CONTROL = /[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]/;
+
+/** ts-proto's camelCase field name back to the proto's snake_case. */
+export const protoFieldName = (key: string): string => key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+
+const isPlainObject = (value: unknown): value is Record<string, unknown> => {
+  if (typeof value !== 'object' || value === null) return false;
+  const proto = Object.getPrototypeOf(value) as unknown;
+  return proto === Object.prototype || proto === null;
+};
+
+/** The first string in a decoded message holding a refused character: its proto path and the character. */
+export function findControlCharacter(value: unknown, path = '', depth = 0): { path: string; char: string } | null {
+  if (typeof value === 'string') {
+    const found = CONTROL.exec(value);
+    return found ? { path, char: found[0] } : null;
+  }
+  if (depth > 32) return null; // decoded protobuf is never this deep; a guard, not a rule
+  if (Array.isArray(value)) {
+    for (const [i, item] of value.entries()) {
+      const found = findControlCharacter(item, `${path}[${i}]`, depth + 1);
+      if (found) return found;
+    }
+    return null;
+  }
+  if (isPlainObject(value)) {
+    for (const [key, item] of Object.entries(value)) {
+      const found = findControlCharacter(item, path ? `${path}.${protoFieldName(key)}` : protoFieldName(key), depth + 1);
+      if (found) return found;
+    }
+  }
+  return null; // numbers, bigints, booleans, bytes, dates
+}
+
+/** Throws INVALID_ARGUMENT/INVALID_CHARACTERS naming the field if any string of the request holds a refused character. */
+export function checkRequestStrings(request: unknown): void {
+  const found = findControlCharacter(request);
+  if (!found) return;
+  const code = `U+${found.char.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')}`;
+  throw invalidArgument(
+    found.path,
+    INVALID_CHARACTERS,
+    `${found.path} must not contain control characters (found ${code}); tab, line feed and carriage return are allowed`,
+  );
+}
