@@ -77,7 +77,8 @@ describe('tokens never reach the output of the service process', () => {
   }
 
   it.each(MALFORMED)('answers a header with %s with UNAUTHENTICATED/MALFORMED_TOKEN and never prints the token', async (_what, value) => {
-    const s = await start({ LOG_LEVEL: 'info' });
+    // The access log on, so the refusal itself is logged too (refused calls are quiet by default).
+    const s = await start({ LOG_LEVEL: 'info', ACCESS_LOG: 'true' });
     const outcome = await rawUnary(`127.0.0.1:${s.port}`, GET_USER, { authorization: value }, getUser(1n));
     const output = await stopAndRead(s);
     expect({ status: outcome.status, reason: outcome.reason, tokenInOutput: output.includes(TOKEN) }).toEqual({
