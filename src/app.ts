@@ -1,36 +1,37 @@
 /**
- * Composition root: config -> logger -> orm -> services -> gRPC server ->
- * retry scheduler -> cron. main.ts adds signal handling; tests call startApp
- * directly with port 0, a temporary database and, when they need one, a clock.
+ * Composition root: config -> logger -> the database object -> repositories
+ * (one door per table) -> services -> gRPC server -> retry scheduler -> cron.
+ * main.ts adds signal handling; tests call startApp directly with port 0, a
+ * temporary database and, when they need one, a clock.
  */
 import type { Logger } from 'pino';
-import { checkExposure, type Config } from './config';
-import { openOrm, type Orm } from './db/orm';
 import { createBillingService } from './billing/billing.service';
-import type { BillingService } from './billing/billing.types';
+import { createCharging } from './billing/charging';
+import { createBillingRecordsRepository } from './billing/records.repository';
+import { checkExposure, type Config } from './config';
+import { openDatabase, type Database } from './db/database';
+import { createIdempotencyKeys } from './db/idempotency';
 import { loadTokensFile, tokensFileWarning } from './grpc/auth';
-import { createGrpcServer, serverCredentials, type GrpcServer } from './grpc/server';
+import { createGrpcServer, serverCredentials, type GrpcServer, type Services } from './grpc/server';
 import { createCron, type Cron } from './jobs/cron';
+import { createJobRunsRepository } from './jobs/job-runs.repository';
 import { createJobsService } from './jobs/jobs.service';
-import type { JobsService } from './jobs/jobs.types';
 import { createRetryScheduler, type RetryScheduler } from './jobs/retry-scheduler';
 import { systemClock, type Clock } from './shared/clock';
 import { createLogger } from './shared/logger';
-import { createIngestService } from './usage/ingest.service';
-import { createUsersService, type UsersService } from './users/users.service';
-import { createWalletsService, type WalletsService } from './wallets/wallets.service';
-
-export interface Services {
-  users: UsersService;
-  wallets: WalletsService;
-  billing: BillingService;
-  jobs: JobsService;
-}
+import { createIngestService } from './usage/ingest';
+import { createUsageLogsRepository } from './usage/usage-logs.repository';
+import { createUsageService } from './usage/usage.service';
+import { createUsersRepository } from './users/users.repository';
+import { createUsersService } from './users/users.service';
+import { createLedgerRepository } from './wallets/ledger.repository';
+import { createWalletsService } from './wallets/wallets.service';
 
 export interface App {
   config: Readonly<Config>;
   log: Logger;
-  orm: Orm;
+  /** The database object: the ORM, the connections and the dialect. */
+  db: Database;
   services: Services;
   grpc: GrpcServer;
   scheduler: RetryScheduler;
@@ -61,39 +62,59 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
   const tokens = config.authTokensFile ? loadTokensFile(config.authTokensFile) : null;
   const tokensFileMode = config.authTokensFile ? tokensFileWarning(config.authTokensFile) : null;
   const credentials = serverCredentials(config.tls);
-  const orm = await openOrm(config.database, log);
+  const db = await openDatabase(config.database, log);
   try {
+    // The doors: every table has one owner, and every write goes through its named methods.
+    const idempotency = createIdempotencyKeys();
+    const userRows = createUsersRepository(db);
+    const ledger = createLedgerRepository(db);
+    const records = createBillingRecordsRepository(db);
+    const usageLogs = createUsageLogsRepository();
+    const jobRuns = createJobRunsRepository(db);
+
     let scheduler: RetryScheduler | undefined;
-    const billing = createBillingService({
+    const charging = createCharging({
+      db,
       clock,
       log,
-      pricing: config.pricing,
-      retryBaseDelayMs: config.retryBaseDelayMs,
-      maxRetries: config.maxRetries,
+      policy: { retryBaseDelayMs: config.retryBaseDelayMs, maxRetries: config.maxRetries },
+      records,
+      ledger,
+      users: userRows,
       onRetryScheduled: (at) => scheduler?.wake(at),
     });
-    const users = createUsersService({ clock });
+    const billing = createBillingService({ db, clock, log, records, ledger, users: userRows, charging, idempotency });
+    const users = createUsersService({ db, clock, users: userRows, ledger, records, idempotency });
     const wallets = createWalletsService({
+      db,
       clock,
       log,
-      settle: (em, userId) => billing.settleUser(em, userId),
+      ledger,
+      users: userRows,
+      idempotency,
+      settle: (userId) => billing.settleUser(userId),
       onSettleFailed: () => scheduler?.requestSweep(),
     });
     const ingest = createIngestService({
+      db,
       clock,
       log,
       pricing: config.pricing,
       logFilePath: config.logFilePath,
       readTimeoutMs: config.usageReadTimeoutMs,
       maxFutureSkewMs: config.maxFutureSkewMs,
+      usageLogs,
+      records,
+      ledger,
       billing,
     });
-    const jobs = createJobsService({ em: orm.em, clock, log, ingest, billing, leaseMs: opts.jobLeaseMs });
-    scheduler = createRetryScheduler({ em: orm.em, clock, log, billing, jobs, pollMs: opts.schedulerPollMs });
-    const services: Services = { users, wallets, billing, jobs };
+    const usage = createUsageService({ usageLogs });
+    const jobs = createJobsService({ db, clock, log, jobRuns, ingest, billing, leaseMs: opts.jobLeaseMs });
+    scheduler = createRetryScheduler({ db, clock, log, billing, jobs, pollMs: opts.schedulerPollMs });
+    const services: Services = { users, wallets, billing, usage, jobs };
 
     const grpc = createGrpcServer({
-      em: orm.em,
+      fork: () => db.fork(),
       services,
       log,
       currency: config.currency,
@@ -104,7 +125,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
     });
     const port = await grpc.bind(config.grpcHost, config.grpcPort);
     // SQLite belongs to this one process: a run still RUNNING was cut off by a previous stop.
-    if (config.database.kind === 'sqlite') await jobs.closeInterruptedRuns();
+    if (db.dialect === 'sqlite') await jobs.closeInterruptedRuns();
     // Any replica closes runs whose process stopped renewing their lease (died, or lost the database for good).
     jobs.startReaper();
     if (opts.scheduler !== false) await scheduler.start();
@@ -115,7 +136,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
     if (tokensFileMode) log.warn({ security: true, mode: tokensFileMode.mode }, tokensFileMode.message);
     const auth = tokens ? `tokens (${tokens.names.length})` : 'off';
     const transport = config.tls === null ? 'plaintext' : config.tls.clientCaFile === null ? 'tls' : 'mtls';
-    log.info({ host: config.grpcHost, port, database: config.database.kind, auth, transport }, 'billing-service ready');
+    log.info({ host: config.grpcHost, port, database: db.dialect, auth, transport }, 'billing-service ready');
 
     let stopping: Promise<void> | undefined;
     const stop = () =>
@@ -126,12 +147,12 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
         await scheduler!.stop();
         await cron?.idle();
         await jobs.stopReaper();
-        await orm.close();
+        await db.close();
         log.info('billing-service stopped');
       })());
-    return { config, log, orm, services, grpc, scheduler, cron, port, stop };
+    return { config, log, db, services, grpc, scheduler, cron, port, stop };
   } catch (err) {
-    await orm.close(true).catch(() => undefined);
+    await db.close(true).catch(() => undefined);
     throw err;
   }
 }

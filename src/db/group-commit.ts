@@ -1,25 +1,23 @@
 /**
  * Group commit for short write transactions on SQLite. SQLite has one writer
- * and, with synchronous=full, every COMMIT waits for an fsync; the raw driver
- * does about 2,000 single-credit transactions a second here, whatever the
- * code around it. Writes that arrive while one is committing are run, each in
- * its own SAVEPOINT, inside the next shared transaction, and all of them
- * commit with one fsync. A write that fails is rolled back to its savepoint
- * alone and fails at once; the others are answered only after their COMMIT
- * succeeded (and all fail if it does not). Durability is unchanged: nobody is
- * told "done" before the fsync.
+ * and, with synchronous=full, every COMMIT waits for an fsync. Writes that
+ * arrive while one transaction is committing are run, each in its own
+ * SAVEPOINT, inside the next shared transaction, and all of them commit with
+ * one fsync. A write that fails is rolled back to its savepoint alone and
+ * fails at once; the others are answered only after their COMMIT succeeded
+ * (and all fail if it does not). Durability is unchanged: nobody is told
+ * "done" before the fsync. A write whose caller went away (its signal is
+ * aborted) before its turn is not run.
  *
- * On PostgreSQL (real row locks and many connections) each write is its own
- * transaction, as before.
+ * One instance per database object (database.ts), which owns the queue.
  */
-import type { EntityManager } from '@mikro-orm/knex';
-import { isPostgres } from './platform';
-import { rawSql, type RawSql } from './raw';
+import type { Tx } from './database';
 
-export type GroupWork<T> = (tx: EntityManager, sql: RawSql) => Promise<T>;
+type Work<T> = (tx: Tx) => Promise<T>;
 
 interface Item {
-  work: GroupWork<unknown>;
+  work: Work<unknown>;
+  signal?: AbortSignal;
   resolve(value: unknown): void;
   reject(err: unknown): void;
 }
@@ -27,67 +25,59 @@ interface Item {
 /** Writes per shared transaction, at most. */
 const MAX_GROUP = 256;
 
-class Group {
+export class GroupCommit {
   private readonly queue: Item[] = [];
-  private running = false;
+  private draining: Promise<void> | null = null;
 
-  constructor(private readonly em: EntityManager) {}
+  /** `transaction` runs one shared transaction (the database object's). */
+  constructor(private readonly transaction: <T>(work: Work<T>) => Promise<T>) {}
 
-  submit<T>(work: GroupWork<T>): Promise<T> {
+  submit<T>(work: Work<T>, signal?: AbortSignal): Promise<T> {
     return new Promise<T>((resolve, reject) => {
-      this.queue.push({ work: work as GroupWork<unknown>, resolve: resolve as (v: unknown) => void, reject });
-      if (!this.running) void this.drain();
+      if (signal?.aborted) return reject(signal.reason);
+      this.queue.push({ work: work as Work<unknown>, signal, resolve: resolve as (v: unknown) => void, reject });
+      this.draining ??= this.drain().finally(() => (this.draining = null));
     });
   }
 
+  /** Resolves once every submitted write has been answered. */
+  async close(): Promise<void> {
+    await this.draining;
+  }
+
   private async drain(): Promise<void> {
-    this.running = true;
-    try {
-      while (this.queue.length > 0) {
-        const items = this.queue.splice(0, MAX_GROUP);
-        const done: { item: Item; value: unknown }[] = [];
-        try {
-          await this.em.fork().transactional(async (tx) => {
-            const sql = await rawSql(tx);
-            for (const item of items) {
-              tx.clear(); // each write starts with an empty unit of work
-              await sql.run('savepoint billing_group_write', [], { reuse: 'connection' });
-              try {
-                const value = await item.work(tx, sql);
-                await sql.run('release billing_group_write', [], { reuse: 'connection' });
-                done.push({ item, value });
-              } catch (err) {
-                await sql.run('rollback to billing_group_write', [], { reuse: 'connection' });
-                await sql.run('release billing_group_write', [], { reuse: 'connection' });
-                item.reject(err);
-              }
+    while (this.queue.length > 0) {
+      const items = this.queue.splice(0, MAX_GROUP);
+      const done: { item: Item; value: unknown }[] = [];
+      const failed = new Set<Item>();
+      try {
+        await this.transaction(async (tx) => {
+          for (const item of items) {
+            if (item.signal?.aborted) {
+              failed.add(item);
+              item.reject(item.signal.reason);
+              continue;
             }
-          });
-        } catch (err) {
-          // BEGIN or COMMIT failed: nothing of this group is written.
-          for (const { item } of done) item.reject(err);
-          for (const item of items) if (!done.some((d) => d.item === item)) item.reject(err);
-          continue;
-        }
-        for (const { item, value } of done) item.resolve(value);
+            tx.em.clear(); // each write starts with an empty unit of work
+            await tx.run('savepoint billing_group_write', [], { keep: true });
+            try {
+              const value = await item.work(tx);
+              await tx.run('release billing_group_write', [], { keep: true });
+              done.push({ item, value });
+            } catch (err) {
+              await tx.run('rollback to billing_group_write', [], { keep: true });
+              await tx.run('release billing_group_write', [], { keep: true });
+              failed.add(item);
+              item.reject(err);
+            }
+          }
+        });
+      } catch (err) {
+        // BEGIN or COMMIT failed: nothing of this group is written.
+        for (const item of items) if (!failed.has(item)) item.reject(err);
+        continue;
       }
-    } finally {
-      this.running = false;
+      for (const { item, value } of done) item.resolve(value);
     }
   }
-}
-
-const groups = new WeakMap<object, Group>();
-
-/**
- * Runs `work` in a write transaction; on SQLite possibly shared with other
- * writes (see above). `work` must only write through `tx`/`sql` and must not
- * start transactions of its own.
- */
-export function groupCommit<T>(em: EntityManager, work: GroupWork<T>): Promise<T> {
-  if (isPostgres(em)) return em.transactional(async (tx) => work(tx, await rawSql(tx)));
-  const key = em.getConnection();
-  let group = groups.get(key);
-  if (!group) groups.set(key, (group = new Group(em.fork())));
-  return group.submit(work);
 }

@@ -1,22 +1,37 @@
 /**
- * request_id idempotency (AIP-155). A key is stored in the same transaction
- * as the change it guards, with a hash of the request: the same id with the
- * same request replays, the same id with another request is REQUEST_ID_REUSED.
+ * The door of the `idempotency_keys` table: request_id idempotency (AIP-155).
+ * A key is claimed in the same transaction as the change it guards, with a
+ * hash of the request: the same id with the same request replays, the same id
+ * with another request is REQUEST_ID_REUSED.
  */
 import { createHash } from 'node:crypto';
-import type { EntityManager } from '@mikro-orm/knex';
 import { AppError, invalidArgument } from '../shared/errors';
+import type { Tx } from './database';
 
 export type IdempotencyScope = 'CreateUser' | 'AddFunds' | 'CreateBillingRecord';
 
 export const MAX_REQUEST_ID_LENGTH = 128;
 
-export function checkRequestId(requestId: string): string | null {
-  if (requestId === '') return null;
-  if (requestId.length > MAX_REQUEST_ID_LENGTH) {
-    throw invalidArgument('request_id', 'INVALID_REQUEST_ID', `request_id must be at most ${MAX_REQUEST_ID_LENGTH} characters`);
-  }
-  return requestId;
+/** A request's key: its scope, its request_id and the hash of what it asks. */
+export interface IdempotencyKey {
+  scope: IdempotencyScope;
+  requestId: string;
+  hash: string;
+}
+
+export interface IdempotencyKeys {
+  /** The key of a request, or null without a request_id; INVALID_ARGUMENT for a request_id too long. */
+  key(scope: IdempotencyScope, requestId: string, request: Record<string, string | number | bigint>): IdempotencyKey | null;
+  /**
+   * Claims the key in `tx`, or returns the id of the resource it already
+   * created. The claim is an insert-if-absent: a concurrent request with the
+   * same key (on another replica, say) waits on the unique index until this
+   * transaction ends, then replays its result, or claims the key if it rolled
+   * back. Null: the key is now claimed (finish with complete).
+   */
+  claim(tx: Tx, key: IdempotencyKey): Promise<number | null>;
+  /** Records what the claimed key created, in the same transaction as the change. */
+  complete(tx: Tx, key: IdempotencyKey, resourceId: number, now: Date): Promise<void>;
 }
 
 export function requestHash(request: Record<string, string | number | bigint>): string {
@@ -27,52 +42,45 @@ export function requestHash(request: Record<string, string | number | bigint>): 
   return createHash('sha256').update(canonical).digest('base64url');
 }
 
-/**
- * Claims the key for this transaction, or returns the id of the resource the
- * key already created. The claim is an insert-if-absent: a concurrent request
- * with the same key (another replica, say) waits on the unique index until this
- * transaction ends, then replays its result, or claims the key if it rolled
- * back. Returns null when the key is now claimed (finish with saveIdempotent).
- */
-export async function findIdempotent(
-  em: EntityManager,
-  scope: IdempotencyScope,
-  requestId: string,
-  hash: string,
-): Promise<number | null> {
-  const claimed = await em.execute<{ affectedRows: number }>(
-    `insert into idempotency_keys (scope, request_id, request_hash, resource_id, created_at) values (?, ?, ?, 0, 0)
-     on conflict (scope, request_id) do nothing`,
-    [scope, requestId, hash],
-    'run',
-  );
-  if (claimed.affectedRows === 1) return null;
-  const row = await em.execute<{ request_hash: string; resource_id: number | string }[]>(
-    'select request_hash, resource_id from idempotency_keys where scope = ? and request_id = ?',
-    [scope, requestId],
-  );
-  if (row[0].request_hash !== hash) {
-    throw new AppError(
-      'ALREADY_EXISTS',
-      'REQUEST_ID_REUSED',
-      `request_id ${JSON.stringify(requestId)} was already used for a different ${scope} request`,
-    );
-  }
-  return Number(row[0].resource_id);
-}
+export function createIdempotencyKeys(): IdempotencyKeys {
+  return {
+    key(scope, requestId, request) {
+      if (requestId === '') return null;
+      if (requestId.length > MAX_REQUEST_ID_LENGTH) {
+        throw invalidArgument('request_id', 'INVALID_REQUEST_ID', `request_id must be at most ${MAX_REQUEST_ID_LENGTH} characters`);
+      }
+      return { scope, requestId, hash: requestHash(request) };
+    },
 
-/** Records what the claimed key created, in the same transaction as the change. */
-export async function saveIdempotent(
-  em: EntityManager,
-  scope: IdempotencyScope,
-  requestId: string,
-  _hash: string,
-  resourceId: number,
-  now: Date,
-): Promise<void> {
-  await em.execute(
-    'update idempotency_keys set resource_id = ?, created_at = ? where scope = ? and request_id = ?',
-    [resourceId, now.getTime(), scope, requestId],
-    'run',
-  );
+    async claim(tx, { scope, requestId, hash }) {
+      const claimed = await tx.run(
+        `insert into idempotency_keys (scope, request_id, request_hash, resource_id, created_at) values (?, ?, ?, 0, 0)
+         on conflict (scope, request_id) do nothing`,
+        [scope, requestId, hash],
+        { keep: true },
+      );
+      if (claimed === 1) return null;
+      const [row] = await tx.all<{ request_hash: string; resource_id: number | string }>(
+        'select request_hash, resource_id from idempotency_keys where scope = ? and request_id = ?',
+        [scope, requestId],
+        { keep: true },
+      );
+      if (row.request_hash !== hash) {
+        throw new AppError(
+          'ALREADY_EXISTS',
+          'REQUEST_ID_REUSED',
+          `request_id ${JSON.stringify(requestId)} was already used for a different ${scope} request`,
+        );
+      }
+      return Number(row.resource_id);
+    },
+
+    async complete(tx, { scope, requestId }, resourceId, now) {
+      await tx.run(
+        'update idempotency_keys set resource_id = ?, created_at = ? where scope = ? and request_id = ?',
+        [resourceId, now.getTime(), scope, requestId],
+        { keep: true },
+      );
+    },
+  };
 }

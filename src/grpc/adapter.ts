@@ -5,7 +5,9 @@
  * - Every string field of the request is checked first: a control character
  *   (other than tab, LF, CR) is INVALID_ARGUMENT/INVALID_CHARACTERS naming the
  *   field (./request-strings.ts), whatever the RPC.
- * - Each call gets its own unit of work: `rootEm.fork()`, handed down in ctx.
+ * - Each call gets its own unit of work (a fork of the database's root entity
+ *   manager) and an AbortSignal that aborts when the client cancels or its
+ *   deadline passes, both handed down in ctx (../shared/context.ts).
  * - The callback runs exactly once, with the response or with the status the
  *   error table (./status.ts) picks for whatever was thrown.
  * - grpc-js does not await handlers, so no rejection may escape from here: an
@@ -19,13 +21,14 @@
 import * as grpc from '@grpc/grpc-js';
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Logger } from 'pino';
+import type { CallContext as DomainContext } from '../shared/context';
+import { AppError } from '../shared/errors';
 import { checkRequestStrings } from './request-strings';
 import { rpcLogLevel } from './rpc-log';
 import { describeError, INTERNAL_MESSAGE, INTERNAL_REASON, type ErrorStatus } from './status';
 
-export interface CallContext {
-  /** This call's own fork of the root entity manager. */
-  em: EntityManager;
+/** What a handler gets: the domain's call context (unit of work, cancellation) and the request metadata. */
+export interface CallContext extends DomainContext {
   /** The request metadata (headers). */
   metadata: grpc.Metadata;
 }
@@ -35,8 +38,8 @@ export type UnaryHandler<Req, Res> = (request: Req, ctx: CallContext) => Promise
 export type Unary = <Req, Res>(name: string, handler: UnaryHandler<Req, Res>) => grpc.handleUnaryCall<Req, Res>;
 
 export interface AdapterDeps {
-  /** The root entity manager; never used directly, only forked. */
-  em: EntityManager;
+  /** A new unit of work for each call (the database object's fork). */
+  fork: () => EntityManager;
   log: Logger;
   /** The authenticated caller's name for a call's metadata, if any (see ./auth.ts). */
   callerOf?: (metadata: grpc.Metadata) => string | undefined;
@@ -46,7 +49,7 @@ export interface AdapterDeps {
 
 /** Builds `unary(name, handler)` over the given root entity manager and logger. */
 export function createUnary(deps: AdapterDeps): Unary {
-  const { em: rootEm, log, callerOf = () => undefined, accessLog = false } = deps;
+  const { fork, log, callerOf = () => undefined, accessLog = false } = deps;
 
   return <Req, Res>(name: string, handler: UnaryHandler<Req, Res>): grpc.handleUnaryCall<Req, Res> =>
     (call, callback) => {
@@ -80,12 +83,16 @@ export function createUnary(deps: AdapterDeps): Unary {
         }
       };
 
+      // The client cancelled or its deadline passed: work not yet started is not started (see Database.transaction).
+      const abort = new AbortController();
+      call.once('cancelled', () => abort.abort(new AppError('CANCELLED', 'CALL_CANCELLED', 'the call was cancelled by the client or its deadline')));
+
       // Promise.resolve().then also catches a handler that throws synchronously.
       Promise.resolve()
         .then(() => {
           // One rule for every string of every request, before any handler sees it.
           checkRequestStrings(call.request);
-          return handler(call.request, { em: rootEm.fork(), metadata: call.metadata });
+          return handler(call.request, { em: fork(), signal: abort.signal, metadata: call.metadata });
         })
         .then(succeed, fail)
         .catch((err: unknown) => {

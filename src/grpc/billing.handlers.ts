@@ -1,5 +1,6 @@
 /** BillingService: protobuf in, one BillingService call, protobuf out. */
-import type { BillingService } from '../billing/billing.types';
+import type { BillingService } from '../billing/billing.service';
+import type { UsageService } from '../usage/usage.service';
 import { toId } from '../shared/ids';
 import { moneyToMicros } from '../shared/money';
 import * as pb from '../../generated/billing/v1/billing_service';
@@ -17,16 +18,17 @@ import {
 export interface BillingHandlersDeps {
   unary: Unary;
   billing: BillingService;
+  usage: UsageService;
   /** The deployment's currency (ISO 4217). */
   currency: string;
 }
 
-export function createBillingHandlers({ unary, billing, currency }: BillingHandlersDeps): pb.BillingServiceServer {
+export function createBillingHandlers({ unary, billing, usage, currency }: BillingHandlersDeps): pb.BillingServiceServer {
   return {
     createBillingRecord: unary<pb.CreateBillingRecordRequest, pb.CreateBillingRecordResponse>(
       'CreateBillingRecord',
-      async (req, { em }) => {
-        const result = await billing.createManualRecord(em, {
+      async (req, ctx) => {
+        const result = await billing.createManualRecord(ctx, {
           userId: toId(req.userId, 'user_id'),
           amount: moneyToMicros(req.amount, currency, 'amount'),
           description: req.description,
@@ -38,17 +40,17 @@ export function createBillingHandlers({ unary, billing, currency }: BillingHandl
 
     getBillingRecord: unary<pb.GetBillingRecordRequest, pb.GetBillingRecordResponse>(
       'GetBillingRecord',
-      async (req, { em }) => {
-        const view = await billing.getRecord(em, toId(req.id, 'id'));
+      async (req, ctx) => {
+        const view = await billing.getRecord(ctx, toId(req.id, 'id'));
         return { billingRecord: billingRecordToPb(view, currency) };
       },
     ),
 
     listBillingRecords: unary<pb.ListBillingRecordsRequest, pb.ListBillingRecordsResponse>(
       'ListBillingRecords',
-      async (req, { em }) => {
+      async (req, ctx) => {
         const filter = { userId: userIdFilter(req.userId), status: parseBillingRecordStatusFilter(req.status) };
-        const page = await billing.listRecords(em, filter, pageRequest(req));
+        const page = await billing.listRecords(ctx, filter, pageRequest(req));
         return {
           billingRecords: page.items.map((view) => billingRecordToPb(view, currency)),
           nextPageToken: page.nextPageToken,
@@ -58,15 +60,15 @@ export function createBillingHandlers({ unary, billing, currency }: BillingHandl
 
     processBillingRecord: unary<pb.ProcessBillingRecordRequest, pb.ProcessBillingRecordResponse>(
       'ProcessBillingRecord',
-      async (req, { em }) => {
-        const result = await billing.processRecord(em, toId(req.id, 'id'));
+      async (req, ctx) => {
+        const result = await billing.processRecord(ctx, toId(req.id, 'id'));
         return { billingRecord: billingRecordToPb(result, currency), outcome: chargeOutcomeToPb(result.outcome) };
       },
     ),
 
-    listUsageLogs: unary<pb.ListUsageLogsRequest, pb.ListUsageLogsResponse>('ListUsageLogs', async (req, { em }) => {
+    listUsageLogs: unary<pb.ListUsageLogsRequest, pb.ListUsageLogsResponse>('ListUsageLogs', async (req, ctx) => {
       const filter = { userId: userIdFilter(req.userId), status: parseUsageLogStatusFilter(req.status) };
-      const page = await billing.listUsageLogs(em, filter, pageRequest(req));
+      const page = await usage.listUsageLogs(ctx, filter, pageRequest(req));
       return { usageLogs: page.items.map(usageLogToPb), nextPageToken: page.nextPageToken };
     }),
   };

@@ -1,6 +1,6 @@
 /**
- * JobService: triggers the jobs by hand. A job owns its units of work, so
- * only ListJobRuns uses the call's entity manager.
+ * JobService: triggers the jobs by hand. A run is shared by every trigger
+ * that joins it, so a caller that goes away stops waiting for it, not the run.
  */
 import type { JobsService } from '../jobs/jobs.types';
 import * as pb from '../../generated/billing/v1/job_service';
@@ -26,8 +26,8 @@ export function createJobHandlers({ unary, jobs }: JobHandlersDeps): pb.JobServi
       jobRun: jobRunToPb(await jobs.run('PROCESS_ALL', 'rpc')),
     })),
 
-    listJobRuns: unary<pb.ListJobRunsRequest, pb.ListJobRunsResponse>('ListJobRuns', async (req, { em }) => {
-      const page = await jobs.listRuns(em, pageRequest(req));
+    listJobRuns: unary<pb.ListJobRunsRequest, pb.ListJobRunsResponse>('ListJobRuns', async (req) => {
+      const page = await jobs.listRuns(pageRequest(req));
       return { jobRuns: page.items.map(jobRunToPb), nextPageToken: page.nextPageToken };
     }),
   };

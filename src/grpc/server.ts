@@ -15,7 +15,11 @@ import { ReflectionService } from '@grpc/reflection';
 import type { EntityManager } from '@mikro-orm/knex';
 import { HealthImplementation, type ServingStatusMap } from 'grpc-health-check';
 import type { Logger } from 'pino';
-import type { Services } from '../app';
+import type { BillingService } from '../billing/billing.service';
+import type { JobsService } from '../jobs/jobs.types';
+import type { UsageService } from '../usage/usage.service';
+import type { UsersService } from '../users/users.service';
+import type { WalletsService } from '../wallets/wallets.service';
 import { ConfigError, DEFAULT_GRPC_LIMITS, type GrpcLimits, type TlsConfig } from '../config';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
@@ -41,9 +45,19 @@ export interface GrpcServer {
   shutdown(graceMs: number): Promise<void>;
 }
 
+/** The services the RPCs call (built by the composition root, ../app.ts). */
+export interface Services {
+  users: UsersService;
+  wallets: WalletsService;
+  billing: BillingService;
+  usage: UsageService;
+  jobs: JobsService;
+}
+
 export interface GrpcServerDeps {
   /** The root entity manager; the adapter forks it once per call. */
-  em: EntityManager;
+  /** A new unit of work for each call. */
+  fork: () => EntityManager;
   services: Services;
   log: Logger;
   /** The deployment's currency (ISO 4217). */
@@ -120,7 +134,7 @@ export const SERVICE_NAMES: readonly string[] = [
 ];
 
 export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
-  const { em, services, log, currency, accessLog = false } = deps;
+  const { fork, services, log, currency, accessLog = false } = deps;
   // grpc-js's own messages (which can quote request headers) go to pino, redacted, from now on.
   installGrpcLogger(log);
   const credentials = deps.credentials ?? grpc.ServerCredentials.createInsecure();
@@ -137,13 +151,13 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
     ...(deps.tokens ? [createAuthInterceptor({ tokens: deps.tokens, log, callers, accessLog })] : []),
   ];
   const server = new grpc.Server({ ...serverOptions(limits), interceptors });
-  const unary = createUnary({ em, log, callerOf: (metadata) => callers.get(metadata)?.name, accessLog });
+  const unary = createUnary({ fork, log, callerOf: (metadata) => callers.get(metadata)?.name, accessLog });
 
   server.addService(userPb.UserServiceService, createUserHandlers({ unary, users: services.users }));
   server.addService(walletPb.WalletServiceService, createWalletHandlers({ unary, wallets: services.wallets, currency }));
   server.addService(
     billingPb.BillingServiceService,
-    createBillingHandlers({ unary, billing: services.billing, currency }),
+    createBillingHandlers({ unary, billing: services.billing, usage: services.usage, currency }),
   );
   server.addService(jobPb.JobServiceService, createJobHandlers({ unary, jobs: services.jobs }));
 

@@ -41,6 +41,7 @@ export const STATUS_BY_KIND: Readonly<Record<ErrorKind, grpc.status>> = Object.f
   RESOURCE_EXHAUSTED: grpc.status.RESOURCE_EXHAUSTED,
   UNAUTHENTICATED: grpc.status.UNAUTHENTICATED,
   PERMISSION_DENIED: grpc.status.PERMISSION_DENIED,
+  CANCELLED: grpc.status.CANCELLED,
 });
 
 /** What a failed call reports: the status plus the reason, for logging. */

@@ -12,39 +12,39 @@ export interface UserHandlersDeps {
 
 export function createUserHandlers({ unary, users }: UserHandlersDeps): pb.UserServiceServer {
   return {
-    createUser: unary<pb.CreateUserRequest, pb.CreateUserResponse>('CreateUser', async (req, { em }) => {
-      const user = await users.create(em, { email: req.email, name: req.name, requestId: req.requestId });
+    createUser: unary<pb.CreateUserRequest, pb.CreateUserResponse>('CreateUser', async (req, ctx) => {
+      const user = await users.create(ctx, { email: req.email, name: req.name, requestId: req.requestId });
       return { user: userToPb(user) };
     }),
 
-    getUser: unary<pb.GetUserRequest, pb.GetUserResponse>('GetUser', async (req, { em }) => {
-      const user = await users.get(em, toId(req.id, 'id'));
+    getUser: unary<pb.GetUserRequest, pb.GetUserResponse>('GetUser', async (req, ctx) => {
+      const user = await users.get(ctx, toId(req.id, 'id'));
       return { user: userToPb(user) };
     }),
 
-    listUsers: unary<pb.ListUsersRequest, pb.ListUsersResponse>('ListUsers', async (req, { em }) => {
+    listUsers: unary<pb.ListUsersRequest, pb.ListUsersResponse>('ListUsers', async (req, ctx) => {
       const status = parseUserStatusFilter(req.status);
-      const page = await users.list(em, pageRequest(req), status);
+      const page = await users.list(ctx, pageRequest(req), status);
       return { users: page.items.map(userToPb), nextPageToken: page.nextPageToken };
     }),
 
-    updateUser: unary<pb.UpdateUserRequest, pb.UpdateUserResponse>('UpdateUser', async (req, { em }) => {
-      const user = await users.update(em, toId(req.id, 'id'), { email: req.email, name: req.name });
+    updateUser: unary<pb.UpdateUserRequest, pb.UpdateUserResponse>('UpdateUser', async (req, ctx) => {
+      const user = await users.update(ctx, toId(req.id, 'id'), { email: req.email, name: req.name });
       return { user: userToPb(user) };
     }),
 
-    deleteUser: unary<pb.DeleteUserRequest, pb.DeleteUserResponse>('DeleteUser', async (req, { em }) => {
-      await users.delete(em, toId(req.id, 'id'));
+    deleteUser: unary<pb.DeleteUserRequest, pb.DeleteUserResponse>('DeleteUser', async (req, ctx) => {
+      await users.delete(ctx, toId(req.id, 'id'));
       return {};
     }),
 
-    suspendUser: unary<pb.SuspendUserRequest, pb.SuspendUserResponse>('SuspendUser', async (req, { em }) => {
-      const user = await users.suspend(em, toId(req.id, 'id'), req.reason);
+    suspendUser: unary<pb.SuspendUserRequest, pb.SuspendUserResponse>('SuspendUser', async (req, ctx) => {
+      const user = await users.suspend(ctx, toId(req.id, 'id'), req.reason);
       return { user: userToPb(user) };
     }),
 
-    activateUser: unary<pb.ActivateUserRequest, pb.ActivateUserResponse>('ActivateUser', async (req, { em }) => {
-      const user = await users.activate(em, toId(req.id, 'id'));
+    activateUser: unary<pb.ActivateUserRequest, pb.ActivateUserResponse>('ActivateUser', async (req, ctx) => {
+      const user = await users.activate(ctx, toId(req.id, 'id'));
       return { user: userToPb(user) };
     }),
   };

@@ -15,20 +15,20 @@ export interface WalletHandlersDeps {
 
 export function createWalletHandlers({ unary, wallets, currency }: WalletHandlersDeps): pb.WalletServiceServer {
   return {
-    getWallet: unary<pb.GetWalletRequest, pb.GetWalletResponse>('GetWallet', async (req, { em }) => {
-      const wallet = await wallets.getWallet(em, toId(req.userId, 'user_id'));
+    getWallet: unary<pb.GetWalletRequest, pb.GetWalletResponse>('GetWallet', async (req, ctx) => {
+      const wallet = await wallets.getWallet(ctx, toId(req.userId, 'user_id'));
       return { wallet: walletToPb(wallet, currency) };
     }),
 
-    getBalance: unary<pb.GetBalanceRequest, pb.GetBalanceResponse>('GetBalance', async (req, { em }) => {
-      const balance = await wallets.getBalance(em, toId(req.userId, 'user_id'));
+    getBalance: unary<pb.GetBalanceRequest, pb.GetBalanceResponse>('GetBalance', async (req, ctx) => {
+      const balance = await wallets.getBalance(ctx, toId(req.userId, 'user_id'));
       return { balance: money(balance, currency) };
     }),
 
-    addFunds: unary<pb.AddFundsRequest, pb.AddFundsResponse>('AddFunds', async (req, { em }) => {
+    addFunds: unary<pb.AddFundsRequest, pb.AddFundsResponse>('AddFunds', async (req, ctx) => {
       const userId = toId(req.userId, 'user_id');
       const amount = moneyToMicros(req.amount, currency, 'amount');
-      const result = await wallets.addFunds(em, userId, amount, req.requestId);
+      const result = await wallets.addFunds(ctx, userId, amount, req.requestId);
       return {
         wallet: walletToPb(result.wallet, currency),
         transaction: walletTransactionToPb(result.transaction, currency),
@@ -38,8 +38,8 @@ export function createWalletHandlers({ unary, wallets, currency }: WalletHandler
 
     listWalletTransactions: unary<pb.ListWalletTransactionsRequest, pb.ListWalletTransactionsResponse>(
       'ListWalletTransactions',
-      async (req, { em }) => {
-        const page = await wallets.listTransactions(em, toId(req.userId, 'user_id'), pageRequest(req));
+      async (req, ctx) => {
+        const page = await wallets.listTransactions(ctx, toId(req.userId, 'user_id'), pageRequest(req));
         return {
           transactions: page.items.map((t) => walletTransactionToPb(t, currency)),
           nextPageToken: page.nextPageToken,

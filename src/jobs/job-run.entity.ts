@@ -1,35 +1,30 @@
 import { EntitySchema } from '@mikro-orm/core';
 import { EpochMsType } from '../db/types';
+import type { IngestCounts } from '../usage/ingest';
 
 export type JobKind = 'PROCESS_LOGS' | 'PROCESS_RETRIES' | 'PROCESS_ALL';
 export type JobRunStatus = 'RUNNING' | 'SUCCEEDED' | 'FAILED';
 
-/** What a run counted; every field starts at 0. */
-export interface JobCounts {
-  entriesRead: number;
-  entriesAccepted: number;
-  entriesDuplicate: number;
-  entriesRejected: number;
-  entriesPending: number;
-  billingRecordsCreated: number;
-  chargesSucceeded: number;
-  retriesScheduled: number;
-  recordsFailed: number;
-  usersSuspended: number;
-}
+/** What a run counted (ingestion's counts, which include the charges'); every field starts at 0. */
+export type JobCounts = Omit<IngestCounts, 'notice'>;
 
-export const emptyCounts = (): JobCounts => ({
-  entriesRead: 0,
-  entriesAccepted: 0,
-  entriesDuplicate: 0,
-  entriesRejected: 0,
-  entriesPending: 0,
-  billingRecordsCreated: 0,
-  chargesSucceeded: 0,
-  retriesScheduled: 0,
-  recordsFailed: 0,
-  usersSuspended: 0,
-});
+/** The counts of a run, as a plain object (for its log line and its row). */
+export function countsOf(run: JobCounts): JobCounts {
+  const { entriesRead, entriesAccepted, entriesDuplicate, entriesRejected, entriesPending } = run;
+  const { billingRecordsCreated, chargesSucceeded, retriesScheduled, recordsFailed, usersSuspended } = run;
+  return {
+    entriesRead,
+    entriesAccepted,
+    entriesDuplicate,
+    entriesRejected,
+    entriesPending,
+    billingRecordsCreated,
+    chargesSucceeded,
+    retriesScheduled,
+    recordsFailed,
+    usersSuspended,
+  };
+}
 
 export class JobRun implements JobCounts {
   id!: number;

@@ -1,24 +1,26 @@
 /**
- * Job bodies over the services, with every run recorded in job_runs. A run of
- * a kind already in progress in this process is joined, not started twice.
+ * Job bodies over the services, with every run recorded in job_runs (through
+ * ./job-runs.repository.ts). A run of a kind already in progress in this
+ * process is joined, not started twice.
  */
-import type { EntityManager } from '@mikro-orm/knex';
 import type { Logger } from 'pino';
-import type { BillingService } from '../billing/billing.types';
-import { isTransientDbError, isUniqueViolation } from '../db/errors';
+import type { Database } from '../db/database';
+import type { BillingService } from '../billing/billing.service';
+import { isTransientDbError } from '../db/errors';
 import type { Clock } from '../shared/clock';
-import { pageOf, readPage } from '../shared/paging';
-import { UsageFileUnusable, type IngestService } from '../usage/ingest.service';
-import { JobRun, type JobCounts, type JobKind } from './job-run.entity';
+import { readPage } from '../shared/paging';
+import { UsageFileUnusable, type IngestService } from '../usage/ingest';
+import { countsOf, type JobCounts, type JobKind, type JobRun } from './job-run.entity';
+import type { JobRunsRepository } from './job-runs.repository';
 import type { JobsService, JobTrigger } from './jobs.types';
 
 export interface JobsDeps {
-  /** The root entity manager; each run forks its own. */
-  em: EntityManager;
+  db: Database;
   clock: Clock;
   log: Logger;
+  jobRuns: JobRunsRepository;
   ingest: IngestService;
-  billing: BillingService;
+  billing: Pick<BillingService, 'processDueRetries' | 'settleSweep'>;
   /**
    * A RUNNING run's lease (default 60 s): its process renews heartbeat_at every
    * quarter of it, and any process closes a run of another process whose
@@ -50,7 +52,7 @@ function describe(err: unknown): string {
 }
 
 export function createJobsService(deps: JobsDeps): JobsService {
-  const { clock, log } = deps;
+  const { db, clock, log, jobRuns } = deps;
   const leaseMs = deps.leaseMs ?? 60_000;
   const inFlight = new Map<JobKind, Promise<JobRun | null>>();
   /** Runs this process is executing: never reaped here, whatever their heartbeat says. */
@@ -64,9 +66,8 @@ export function createJobsService(deps: JobsDeps): JobsService {
     const timer = setInterval(() => {
       if (busy) return;
       busy = true;
-      deps.em
-        .fork()
-        .nativeUpdate(JobRun, { id: runId, status: 'RUNNING' }, { heartbeatAt: clock.now() })
+      jobRuns
+        .heartbeat(runId, clock.now())
         .catch((err: unknown) => log.warn({ err, jobRunId: runId }, 'job run heartbeat failed'))
         .finally(() => (busy = false));
     }, Math.max(10, Math.floor(leaseMs / 4)));
@@ -80,10 +81,10 @@ export function createJobsService(deps: JobsDeps): JobsService {
    * this process's work and another process's reaper closes the run.
    */
   async function close(run: JobRun): Promise<void> {
-    const { id, status, endedAt, errorMessage } = run;
+    const { id, status } = run;
     for (let attempt = 0; ; attempt++) {
       try {
-        await deps.em.fork().nativeUpdate(JobRun, { id, status: 'RUNNING' }, { status, endedAt, errorMessage, heartbeatAt: null, ...countsOf(run) });
+        await jobRuns.close(run);
         return;
       } catch (err) {
         if (!isTransientDbError(err) || attempt >= CLOSE_RETRY_DELAYS_MS.length) {
@@ -95,35 +96,27 @@ export function createJobsService(deps: JobsDeps): JobsService {
     }
   }
 
-  async function processLogs(em: EntityManager, run: JobRun): Promise<void> {
-    add(run, await deps.ingest.ingest(em, run.id));
+  async function processLogs(run: JobRun): Promise<void> {
+    add(run, await deps.ingest.ingest(run.id));
   }
 
   /** Due retries, then the settlement sweep (unpaid records the wallet can pay now). */
-  async function processRetries(em: EntityManager, run: JobRun): Promise<void> {
-    add(run, await deps.billing.processDueRetries(em));
-    add(run, await deps.billing.settleSweep(em));
+  async function processRetries(run: JobRun): Promise<void> {
+    add(run, await deps.billing.processDueRetries(db.fork()));
+    add(run, await deps.billing.settleSweep());
   }
 
   async function execute(kind: JobKind, trigger: JobTrigger, periodKey: string | null = null): Promise<JobRun | null> {
-    const em = deps.em.fork();
-    const run = new JobRun(kind, trigger, clock.now());
-    run.periodKey = periodKey;
-    run.heartbeatAt = run.startedAt;
-    try {
-      await em.persistAndFlush(run);
-    } catch (err) {
-      if (periodKey !== null && isUniqueViolation(err)) {
-        log.info({ kind, periodKey }, 'period already claimed by another run; skipping');
-        return null;
-      }
-      throw err;
+    const run = await jobRuns.claim(kind, trigger, periodKey, clock.now());
+    if (!run) {
+      log.info({ kind, periodKey }, 'period already claimed by another run; skipping');
+      return null;
     }
     mine.add(run.id);
     const stopHeartbeat = heartbeat(run.id);
     try {
-      if (kind === 'PROCESS_LOGS' || kind === 'PROCESS_ALL') await processLogs(em, run);
-      if (kind === 'PROCESS_RETRIES' || kind === 'PROCESS_ALL') await processRetries(em, run);
+      if (kind === 'PROCESS_LOGS' || kind === 'PROCESS_ALL') await processLogs(run);
+      if (kind === 'PROCESS_RETRIES' || kind === 'PROCESS_ALL') await processRetries(run);
       run.status = 'SUCCEEDED';
     } catch (err) {
       run.status = 'FAILED';
@@ -173,23 +166,12 @@ export function createJobsService(deps: JobsDeps): JobsService {
 
     async reapAbandonedRuns() {
       const now = clock.now();
-      const stale = await deps.em
-        .fork()
-        .find(JobRun, { status: 'RUNNING', heartbeatAt: { $lt: new Date(now.getTime() - leaseMs) } }, { fields: ['id', 'heartbeatAt'] });
-      let closed = 0;
-      for (const { id } of stale) {
-        if (mine.has(id)) continue;
-        closed += await deps.em.fork().nativeUpdate(
-          JobRun,
-          { id, status: 'RUNNING', heartbeatAt: { $lt: new Date(now.getTime() - leaseMs) } },
-          {
-            status: 'FAILED',
-            endedAt: now,
-            heartbeatAt: null,
-            errorMessage: `abandoned: no heartbeat for over ${Math.round(leaseMs / 1000)} s (its process died or lost the database); ingestion is all or nothing, and records it created are charged by the retry scheduler`,
-          },
-        );
-      }
+      const closed = await jobRuns.reapExpired(
+        new Date(now.getTime() - leaseMs),
+        mine,
+        now,
+        `abandoned: no heartbeat for over ${Math.round(leaseMs / 1000)} s (its process died or lost the database); ingestion is all or nothing, and records it created are charged by the retry scheduler`,
+      );
       if (closed > 0) log.warn({ runs: closed }, 'closed job runs whose process stopped renewing their lease');
       return closed;
     },
@@ -211,37 +193,15 @@ export function createJobsService(deps: JobsDeps): JobsService {
     },
 
     async closeInterruptedRuns() {
-      const res = await deps.em.fork().execute<{ affectedRows: number }>(
-        `update job_runs set status = 'FAILED', ended_at = ?, error_message = ? where status = 'RUNNING'`,
-        [clock.now().getTime(), 'interrupted: the service stopped during this run (ingestion is all or nothing; records it created are charged by the retry scheduler)'],
-        'run',
+      const closed = await jobRuns.closeAllRunning(
+        clock.now(),
+        'interrupted: the service stopped during this run (ingestion is all or nothing; records it created are charged by the retry scheduler)',
       );
-      if (res.affectedRows > 0) log.warn({ runs: res.affectedRows }, 'closed job runs interrupted by a previous stop');
-      return res.affectedRows;
+      if (closed > 0) log.warn({ runs: closed }, 'closed job runs interrupted by a previous stop');
+      return closed;
     },
 
-    async listRuns(em, pageReq) {
-      const page = readPage(pageReq, {});
-      const rows = await em.find(JobRun, { id: { $gt: page.afterId } }, { orderBy: { id: 'asc' }, limit: page.limit });
-      return pageOf(rows, page);
-    },
+    listRuns: (pageReq) => jobRuns.list(readPage(pageReq, {})),
   };
   return service;
-}
-
-function countsOf(run: JobRun): JobCounts {
-  const { entriesRead, entriesAccepted, entriesDuplicate, entriesRejected, entriesPending } = run;
-  const { billingRecordsCreated, chargesSucceeded, retriesScheduled, recordsFailed, usersSuspended } = run;
-  return {
-    entriesRead,
-    entriesAccepted,
-    entriesDuplicate,
-    entriesRejected,
-    entriesPending,
-    billingRecordsCreated,
-    chargesSucceeded,
-    retriesScheduled,
-    recordsFailed,
-    usersSuspended,
-  };
 }

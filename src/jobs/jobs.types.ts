@@ -1,4 +1,3 @@
-import type { EntityManager } from '@mikro-orm/knex';
 import type { PageRequest } from '../shared/paging';
 import type { JobKind, JobRun } from './job-run.entity';
 
@@ -31,5 +30,5 @@ export interface JobsService {
   /** Runs reapAbandonedRuns now and every half lease, until stopReaper. */
   startReaper(): void;
   stopReaper(): Promise<void>;
-  listRuns(em: EntityManager, page: PageRequest): Promise<{ items: JobRun[]; nextPageToken: string }>;
+  listRuns(page: PageRequest): Promise<{ items: JobRun[]; nextPageToken: string }>;
 }

@@ -8,9 +8,9 @@
  * settlement after a top-up failed, or ran on another replica that died), and
  * a failed settlement asks for a sweep within a second.
  */
-import type { EntityManager } from '@mikro-orm/knex';
 import type { Logger } from 'pino';
-import type { BillingService } from '../billing/billing.types';
+import type { BillingService } from '../billing/billing.service';
+import type { Database } from '../db/database';
 import type { Clock } from '../shared/clock';
 import type { JobsService } from './jobs.types';
 
@@ -24,10 +24,10 @@ export interface RetryScheduler {
 }
 
 export interface RetrySchedulerDeps {
-  em: EntityManager;
+  db: Database;
   clock: Clock;
   log: Logger;
-  billing: BillingService;
+  billing: Pick<BillingService, 'nextDueTime' | 'hasSettleable'>;
   jobs: JobsService;
   /** Longest sleep between looks at the database (default 30 s). */
   pollMs?: number;
@@ -60,15 +60,15 @@ export function createRetryScheduler(deps: RetrySchedulerDeps): RetryScheduler {
   async function tick(): Promise<void> {
     if (stopped) return;
     try {
-      const em = deps.em.fork();
+      const em = deps.db.fork();
       const now = clock.now().getTime();
       const due = await deps.billing.nextDueTime(em);
       const sweep = now - lastSweep >= pollMs;
-      if ((due && due.getTime() <= now) || (sweep && (await deps.billing.hasSettleable(em)))) {
+      if ((due && due.getTime() <= now) || (sweep && (await deps.billing.hasSettleable()))) {
         await deps.jobs.run('PROCESS_RETRIES', 'scheduler'); // due retries, then the settlement sweep
       }
       if (sweep) lastSweep = now;
-      const next = await deps.billing.nextDueTime(deps.em.fork());
+      const next = await deps.billing.nextDueTime(deps.db.fork());
       arm(next ? next.getTime() : Infinity);
     } catch (err) {
       log.error({ err }, 'retry scheduler tick failed; trying again shortly');

@@ -11,7 +11,7 @@
 import * as fs from 'node:fs';
 import type { DatabaseConfig } from '../config';
 import { ConfigError, loadConfig } from '../config';
-import { openOrm, type Orm } from '../db/orm';
+import { openDatabase, type Database } from '../db/database';
 import { createLogger } from '../shared/logger';
 import { formatMoney } from '../shared/money';
 import { checkInvariants, describeSchemaProblem, INVARIANT_RULES, type InvariantReport } from './invariants';
@@ -78,22 +78,22 @@ export async function main(args: readonly string[]): Promise<number> {
     return EXIT_ERROR;
   }
   out(`checking ${describeDatabase(database)}`);
-  let orm: Orm | undefined;
+  let db: Database | undefined;
   try {
-    orm = await openOrm(database, createLogger('silent'), { migrate: false });
-    const problem = await describeSchemaProblem(orm.em);
+    db = await openDatabase(database, createLogger('silent'), { migrate: false });
+    const problem = await describeSchemaProblem(db);
     if (problem) {
       err(problem);
       return EXIT_ERROR;
     }
-    const report = await checkInvariants(orm.em);
+    const report = await checkInvariants(db);
     printReport(report);
     return report.ok ? EXIT_OK : EXIT_VIOLATIONS;
   } catch (e) {
     err(`the check could not run: ${(e as Error)?.message ?? String(e)}`);
     return EXIT_ERROR;
   } finally {
-    await orm?.close().catch(() => undefined);
+    await db?.close().catch(() => undefined);
   }
 }
 

@@ -11,7 +11,7 @@
  */
 import { IsolationLevel, TableNotFoundException } from '@mikro-orm/core';
 import type { EntityManager } from '@mikro-orm/knex';
-import { isPostgres } from '../db/platform';
+import type { Database } from '../db/database';
 import { migrationsList } from '../db/migrations';
 import { formatMoney } from '../shared/money';
 
@@ -72,6 +72,11 @@ export interface InvariantReport {
 export interface CheckOptions {
   /** Most offending rows reported per query (default 50); a rule with more says so. */
   maxPerRule?: number;
+  /**
+   * Check inside this transaction's unit of work (seeing its uncommitted
+   * changes) instead of a read snapshot of the checker's own.
+   */
+  within?: EntityManager;
 }
 
 type Row = Record<string, unknown>;
@@ -328,20 +333,19 @@ async function readCounts(em: EntityManager): Promise<InvariantCounts> {
 }
 
 /**
- * Checks every rule of INVARIANT_RULES and counts what the database holds.
- * Inside a transaction the caller already has, the checker runs in it (and
- * sees its uncommitted changes); otherwise it opens its own read snapshot.
+ * Checks every rule of INVARIANT_RULES and counts what the database holds, in
+ * a read snapshot of its own (or inside `opts.within`).
  */
-export async function checkInvariants(em: EntityManager, opts: CheckOptions = {}): Promise<InvariantReport> {
+export async function checkInvariants(db: Pick<Database, 'fork' | 'dialect'>, opts: CheckOptions = {}): Promise<InvariantReport> {
   const maxPerRule = opts.maxPerRule ?? 50;
   const work = async (tx: EntityManager): Promise<InvariantReport> => {
     const violations = await runQueries(tx, maxPerRule);
     const counts = await readCounts(tx);
     return { ok: violations.length === 0, violations, counts };
   };
-  if (em.isInTransaction()) return work(em);
-  const fork = em.fork();
-  if (isPostgres(fork)) {
+  if (opts.within) return work(opts.within);
+  const fork = db.fork();
+  if (db.dialect === 'postgresql') {
     return fork.transactional(work, { isolationLevel: IsolationLevel.REPEATABLE_READ, readOnly: true });
   }
   return fork.transactional(work);
@@ -373,8 +377,8 @@ async function readIfTable(em: EntityManager, sql: string): Promise<Row[] | null
  * applied. Throws when the database cannot be reached. Changes nothing; it
  * never migrates.
  */
-export async function describeSchemaProblem(em: EntityManager): Promise<string | null> {
-  const fork = em.fork();
+export async function describeSchemaProblem(db: Pick<Database, 'fork'>): Promise<string | null> {
+  const fork = db.fork();
   await fork.execute('select 1 as x'); // can we reach it at all?
   const applied = await readIfTable(fork, `select name from ${MIGRATIONS_TABLE}`);
   const missingTables: string[] = [];

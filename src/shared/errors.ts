@@ -12,7 +12,8 @@ export type ErrorKind =
   | 'UNAVAILABLE'
   | 'RESOURCE_EXHAUSTED'
   | 'UNAUTHENTICATED'
-  | 'PERMISSION_DENIED';
+  | 'PERMISSION_DENIED'
+  | 'CANCELLED';
 
 export class AppError extends Error {
   override readonly name = 'AppError';

@@ -3,7 +3,7 @@ import { EpochMsType, Int64Type } from '../db/types';
 
 export type UsageLogStatus = 'PENDING' | 'BILLED' | 'REJECTED';
 
-/** One ingested usage entry; `dedupKey` is its identity (see src/usage/identity.ts). */
+/** One ingested usage entry; `dedupKey` is its identity (see src/usage/entries.ts). */
 export class UsageLog {
   id!: number;
   dedupKey!: string;

@@ -1,12 +1,20 @@
-import type { EntityManager } from '@mikro-orm/knex';
-import { checkRequestId, findIdempotent, requestHash, saveIdempotent } from '../db/idempotency';
+/**
+ * Users: create (with an empty wallet), read, list, profile changes,
+ * suspension by hand, and deletion (which closes the wallet: see
+ * ../wallets/ledger.repository.ts). Writes go through the users door
+ * (./users.repository.ts) and the ledger's.
+ */
+import type { Database } from '../db/database';
+import type { IdempotencyKeys } from '../db/idempotency';
 import { isUniqueViolation } from '../db/errors';
+import type { BillingRecordsRepository } from '../billing/records.repository';
+import type { CallContext } from '../shared/context';
 import type { Clock } from '../shared/clock';
-import { alreadyExists, failedPrecondition, invalidArgument, notFound } from '../shared/errors';
-import { pageOf, readPage, type PageRequest } from '../shared/paging';
-import { Wallet } from '../wallets/wallet.entity';
-import { closeEmptyWallet } from '../wallets/wallets.service';
+import { alreadyExists, failedPrecondition, invalidArgument } from '../shared/errors';
+import { readPage, type PageRequest } from '../shared/paging';
+import type { LedgerRepository } from '../wallets/ledger.repository';
 import { User, type UserStatus } from './user.entity';
+import type { UsersRepository } from './users.repository';
 
 const EMAIL_RE = /^[^\s@"(),:;<>[\\\]]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$/;
 const MAX_NAME = 200;
@@ -36,48 +44,49 @@ export interface CreateUserInput {
 }
 
 export interface UsersService {
-  create(em: EntityManager, input: CreateUserInput): Promise<User>;
-  get(em: EntityManager, id: number): Promise<User>;
-  list(em: EntityManager, page: PageRequest, status: UserStatus | null): Promise<{ items: User[]; nextPageToken: string }>;
-  update(em: EntityManager, id: number, changes: { email?: string; name?: string }): Promise<User>;
-  delete(em: EntityManager, id: number): Promise<void>;
-  suspend(em: EntityManager, id: number, reason: string): Promise<User>;
-  activate(em: EntityManager, id: number): Promise<User>;
+  create(ctx: CallContext, input: CreateUserInput): Promise<User>;
+  get(ctx: CallContext, id: number): Promise<User>;
+  list(ctx: CallContext, page: PageRequest, status: UserStatus | null): Promise<{ items: User[]; nextPageToken: string }>;
+  update(ctx: CallContext, id: number, changes: { email?: string; name?: string }): Promise<User>;
+  delete(ctx: CallContext, id: number): Promise<void>;
+  suspend(ctx: CallContext, id: number, reason: string): Promise<User>;
+  activate(ctx: CallContext, id: number): Promise<User>;
 }
 
-/** Loads a user that has not been deleted, or throws NOT_FOUND. */
-export async function getLiveUser(em: EntityManager, id: number): Promise<User> {
-  const user = await em.findOne(User, { id, deletedAt: null });
-  if (!user) throw notFound('USER_NOT_FOUND', `user ${id} not found`);
-  return user;
+export interface UsersDeps {
+  db: Database;
+  clock: Clock;
+  users: UsersRepository;
+  ledger: LedgerRepository;
+  records: BillingRecordsRepository;
+  idempotency: IdempotencyKeys;
 }
 
-export function createUsersService(deps: { clock: Clock }): UsersService {
-  const { clock } = deps;
-
-  async function ensureEmailFree(em: EntityManager, email: string, exceptId?: number): Promise<void> {
-    const other = await em.findOne(User, { email, deletedAt: null }, { fields: ['id'] });
-    if (other && other.id !== exceptId) throw alreadyExists('EMAIL_TAKEN', 'a user with this email already exists');
-  }
+export function createUsersService(deps: UsersDeps): UsersService {
+  const { db, clock, users, ledger, records, idempotency } = deps;
 
   const emailTaken = (err: unknown): never => {
     if (isUniqueViolation(err)) throw alreadyExists('EMAIL_TAKEN', 'a user with this email already exists');
     throw err;
   };
 
+  async function ensureEmailFree(ctx: { em: CallContext['em'] }, email: string, exceptId?: number): Promise<void> {
+    const other = await users.liveIdByEmail(ctx.em, email);
+    if (other !== null && other !== exceptId) throw alreadyExists('EMAIL_TAKEN', 'a user with this email already exists');
+  }
+
   return {
-    async create(em, input) {
+    async create(ctx, input) {
       const email = normalizeEmail(input.email);
       const name = normalizeName(input.name);
-      const requestId = checkRequestId(input.requestId);
-      const hash = requestHash({ email, name });
-      return em
-        .transactional(async (tx) => {
-          if (requestId) {
-            const existing = await findIdempotent(tx, 'CreateUser', requestId, hash);
+      const key = idempotency.key('CreateUser', input.requestId, { email, name });
+      return db
+        .transaction(async (tx) => {
+          if (key) {
+            const existing = await idempotency.claim(tx, key);
             if (existing !== null) {
               // Replay the first response: the user as it was created.
-              const user = await tx.findOneOrFail(User, existing);
+              const user = await tx.em.findOneOrFail(User, existing);
               const first = new User(email, name, user.createdAt);
               first.id = user.id;
               return first;
@@ -85,93 +94,67 @@ export function createUsersService(deps: { clock: Clock }): UsersService {
           }
           await ensureEmailFree(tx, email);
           const now = clock.now();
-          const user = new User(email, name, now);
-          await tx.persistAndFlush(user);
-          await tx.persistAndFlush(new Wallet(user.id, now));
-          if (requestId) await saveIdempotent(tx, 'CreateUser', requestId, hash, user.id, now);
+          const user = await users.create(tx, email, name, now);
+          await ledger.open(tx, user.id, now);
+          if (key) await idempotency.complete(tx, key, user.id, now);
           return user;
-        })
+        }, ctx)
         .catch(emailTaken);
     },
 
-    get: (em, id) => getLiveUser(em, id),
+    get: (ctx, id) => users.getLive(ctx.em, id),
 
-    async list(em, pageReq, status) {
-      const page = readPage(pageReq, { status });
-      const rows = await em.find(
-        User,
-        { id: { $gt: page.afterId }, deletedAt: null, ...(status ? { status } : {}) },
-        { orderBy: { id: 'asc' }, limit: page.limit },
-      );
-      return pageOf(rows, page);
+    list(ctx, pageReq, status) {
+      return users.list(ctx.em, readPage(pageReq, { status }), status);
     },
 
-    async update(em, id, changes) {
+    async update(ctx, id, changes) {
       const email = changes.email === undefined ? undefined : normalizeEmail(changes.email);
       const name = changes.name === undefined ? undefined : normalizeName(changes.name);
-      return em
-        .transactional(async (tx) => {
-          const user = await getLiveUser(tx, id);
-          if (email !== undefined && email !== user.email) {
-            await ensureEmailFree(tx, email, id);
-            user.email = email;
-          }
-          if (name !== undefined) user.name = name;
-          user.updatedAt = clock.now();
-          await tx.flush();
+      return db
+        .transaction(async (tx) => {
+          const user = await users.getLive(tx.em, id);
+          if (email !== undefined && email !== user.email) await ensureEmailFree(tx, email, id);
+          await users.saveProfile(tx, user, { email: email === user.email ? undefined : email, name }, clock.now());
           return user;
-        })
+        }, ctx)
         .catch(emailTaken);
     },
 
-    async delete(em, id) {
-      await em.transactional(async (tx) => {
-        const user = await getLiveUser(tx, id);
+    async delete(ctx, id) {
+      await db.transaction(async (tx) => {
+        const user = await users.getLive(tx.em, id);
         const now = clock.now();
         // Close the wallet first, with a conditional UPDATE of its row: a credit or debit of the same wallet either
         // committed before (then the balance is not zero) or waits for this row (PostgreSQL; SQLite has one writer)
         // and then finds the wallet closed. Whichever commits first wins.
-        if (!(await closeEmptyWallet(tx, id, now))) {
+        if (!(await ledger.closeIfEmpty(tx, id, now))) {
           throw failedPrecondition('BALANCE_NOT_ZERO', `user ${id} still has a non-zero wallet balance`);
         }
-        const unpaid = await tx.execute<{ n: number }[]>(
-          "select count(*) as n from billing_records where user_id = ? and status <> 'PAID'",
-          [id],
-        );
-        if (Number(unpaid[0].n) > 0) {
+        if (await records.hasUnpaid(tx, id)) {
           throw failedPrecondition('UNPAID_BILLING_RECORDS', `user ${id} has unpaid billing records`);
         }
-        user.deletedAt = now;
-        user.updatedAt = now;
-        await tx.flush();
-      });
+        await users.markDeleted(tx, user, now);
+      }, ctx);
     },
 
-    async suspend(em, id, reason) {
+    async suspend(ctx, id, reason) {
       const why = reason.trim();
       if (why === '') throw invalidArgument('reason', 'MISSING_REASON', 'reason is required');
       if (why.length > MAX_REASON) throw invalidArgument('reason', 'INVALID_REASON', `reason must be at most ${MAX_REASON} characters`);
-      return em.transactional(async (tx) => {
-        const user = await getLiveUser(tx, id);
-        user.status = 'SUSPENDED';
-        user.suspensionReason = why;
-        user.suspendedForNonPayment = false;
-        user.updatedAt = clock.now();
-        await tx.flush();
+      return db.transaction(async (tx) => {
+        const user = await users.getLive(tx.em, id);
+        await users.suspend(tx, user, why, clock.now());
         return user;
-      });
+      }, ctx);
     },
 
-    async activate(em, id) {
-      return em.transactional(async (tx) => {
-        const user = await getLiveUser(tx, id);
-        user.status = 'ACTIVE';
-        user.suspensionReason = '';
-        user.suspendedForNonPayment = false;
-        user.updatedAt = clock.now();
-        await tx.flush();
+    async activate(ctx, id) {
+      return db.transaction(async (tx) => {
+        const user = await users.getLive(tx.em, id);
+        await users.activate(tx, user, clock.now());
         return user;
-      });
+      }, ctx);
     },
   };
 }

@@ -9,7 +9,7 @@
  *   node dist/test/bench/floor-retries.js <seeded db copy> <due epoch ms>
  */
 import * as sqlite3 from 'sqlite3';
-import { SQLITE_PRAGMAS } from '../../src/db/orm';
+import { SQLITE_PRAGMAS } from '../../src/db/engine';
 
 const all = <T>(db: sqlite3.Database, sql: string, params: unknown[] = []) =>
   new Promise<T[]>((resolve, reject) => db.all(sql, params, (err, rows) => (err ? reject(err) : resolve(rows as T[]))));

@@ -14,7 +14,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as sqlite3 from 'sqlite3';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 import { DEFAULT_GRPC_LIMITS } from '../../src/config';
-import { SQLITE_PRAGMAS } from '../../src/db/orm';
+import { SQLITE_PRAGMAS } from '../../src/db/engine';
 import { serverOptions } from '../../src/grpc/server';
 import { microsToMoney, moneyToMicros } from '../../src/shared/money';
 

@@ -16,7 +16,7 @@
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as sqlite3 from 'sqlite3';
-import { SQLITE_PRAGMAS } from '../../src/db/orm';
+import { SQLITE_PRAGMAS } from '../../src/db/engine';
 
 const COLUMNS = ['dedup_key', 'user_id', 'service', 'quantity', 'usage_at', 'status', 'reason', 'billing_record_id', 'job_run_id', 'ingested_at'];
 

@@ -26,7 +26,7 @@ import type * as moneyPb from '../../generated/billing/v1/money';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 import type { DatabaseConfig } from '../../src/config';
-import { openOrm } from '../../src/db/orm';
+import { openDatabase } from '../../src/db/database';
 import { checkInvariants } from '../../src/ops/invariants';
 import { mulberry32 } from '../helpers/prng';
 
@@ -410,9 +410,9 @@ async function soak(opts: Options): Promise<number> {
     );
     out(`service: ${svc.errorLines()} error log lines; exit ${exit.code ?? exit.signal}`);
 
-    const orm = await openOrm(db.config, pino({ level: 'silent' }), { migrate: false });
+    const side = await openDatabase(db.config, pino({ level: 'silent' }), { migrate: false });
     try {
-      const report = await checkInvariants(orm.em);
+      const report = await checkInvariants(side);
       const c = report.counts;
       out(
         `database: ${c.users} users, ${c.credits} credits, ${c.debits} debits, records ${c.billingRecords.PAID} PAID / ` +
@@ -427,7 +427,7 @@ async function soak(opts: Options): Promise<number> {
         for (const v of report.violations.slice(0, 50)) out(`  ${v.rule}: ${v.detail}`);
       }
     } finally {
-      await orm.close();
+      await side.close();
     }
     if ((stats.codes.get('INTERNAL') ?? 0) > 0) {
       failed = true;

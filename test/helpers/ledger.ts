@@ -1,19 +1,13 @@
+import { createLedgerRepository } from '../../src/wallets/ledger.repository';
 import type { TestApp } from './harness';
 
 /**
- * A credit written straight to the database (balance and ledger row in one
- * transaction), so that no settlement runs: records stay unpaid until a
- * charge the test triggers itself.
+ * A credit through the ledger's door (balance and ledger row in one
+ * transaction), but without the settlement AddFunds runs after it: records
+ * stay unpaid until a charge the test triggers itself (or the sweep).
  */
 export async function creditWithoutSettling(t: TestApp, userId: bigint, micros: bigint): Promise<void> {
-  await t.app.orm.em.fork().transactional(async (tx) => {
-    const [w] = await tx.execute<{ balance: string }[]>(
-      `update wallets set balance = balance + cast(? as bigint) where user_id = ? returning cast(balance as text) as balance`,
-      [micros.toString(), Number(userId)],
-    );
-    await tx.execute(
-      `insert into wallet_transactions (user_id, type, amount, balance_after, created_at) values (?, 'CREDIT', cast(? as bigint), cast(? as bigint), 0)`,
-      [Number(userId), micros.toString(), w.balance],
-    );
-  });
+  const ledger = createLedgerRepository(t.app.db);
+  const result = await t.app.db.transaction((tx) => ledger.credit(tx, Number(userId), micros, null, new Date()));
+  if (!result.ok) throw new Error(`credit refused: ${result.why}`);
 }

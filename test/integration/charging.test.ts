@@ -25,7 +25,7 @@ const createRecord = (t: TestApp, userId: bigint, amount: string, requestId = ''
 
 /** Every money invariant holds (balances equal ledgers, one debit per PAID record, ...): src/ops/invariants.ts. */
 async function invariantsHold(t: TestApp): Promise<void> {
-  expect((await checkInvariants(t.app.orm.em)).violations).toEqual([]);
+  expect((await checkInvariants(t.app.db)).violations).toEqual([]);
 }
 
 describe('charging', () => {
@@ -121,7 +121,7 @@ describe('charging', () => {
     expect(outcomes.filter((o) => o === O.CHARGE_OUTCOME_ALREADY_PAID)).toHaveLength(180);
     const charged = new Set(results.filter((r) => r.outcome === O.CHARGE_OUTCOME_CHARGED).map((r) => r.billingRecord!.id));
     expect(charged.size).toBe(20);
-    const debits = await t.app.orm.em.fork().execute<{ n: number }[]>(`select count(*) as n from wallet_transactions where type = 'DEBIT'`);
+    const debits = await t.app.db.fork().execute<{ n: number }[]>(`select count(*) as n from wallet_transactions where type = 'DEBIT'`);
     expect(Number(debits[0].n)).toBe(20);
     expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('0.000000');
     await invariantsHold(t);
@@ -240,8 +240,8 @@ describe('retries, suspension and settlement (injected clock)', () => {
     expect(failed.status).toBe(R.BILLING_RECORD_STATUS_FAILED);
     // The first AddFunds committed its credit and request_id, then the process died before settling.
     await creditWithoutSettling(t, userId, 5_000_000n);
-    const [credit] = await t.app.orm.em.fork().execute<{ id: number }[]>(`select max(id) as id from wallet_transactions`);
-    await t.app.orm.em.fork().execute(
+    const [credit] = await t.app.db.fork().execute<{ id: number }[]>(`select max(id) as id from wallet_transactions`);
+    await t.app.db.fork().execute(
       `insert into idempotency_keys (scope, request_id, request_hash, resource_id, created_at) values ('AddFunds', 'cut-1', ?, ?, 0)`,
       [requestHash({ userId: Number(userId), amount: 5_000_000n }), Number(credit.id)],
     );

@@ -34,12 +34,12 @@ function shuffled<T>(xs: T[]): T[] {
 
 describe('concurrency', () => {
   let t: TestApp;
-  const q = (sql: string, params: unknown[] = []) => t.app.orm.em.fork().execute<Row[]>(sql, params);
+  const q = (sql: string, params: unknown[] = []) => t.app.db.fork().execute<Row[]>(sql, params);
 
   afterEach(async () => t?.stop());
 
   async function expectInvariants(): Promise<void> {
-    expect((await checkInvariants(t.app.orm.em)).violations).toEqual([]);
+    expect((await checkInvariants(t.app.db)).violations).toEqual([]);
   }
 
   async function newUser(n: number): Promise<bigint> {

@@ -16,7 +16,7 @@ import pino from 'pino';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import type { DatabaseConfig } from '../../src/config';
-import { openOrm } from '../../src/db/orm';
+import { openDatabase } from '../../src/db/database';
 import { checkInvariants } from '../../src/ops/invariants';
 import { createTestDatabase, type TestDatabase } from '../helpers/database';
 import { call, money } from '../helpers/harness';
@@ -303,10 +303,10 @@ describe('SIGKILL at a seeded moment, restart, finish: nothing lost, nothing twi
     const config: DatabaseConfig = db.env.DATABASE_URL
       ? { kind: 'postgresql', url: db.env.DATABASE_URL }
       : { kind: 'sqlite', path: db.env.DB_PATH };
-    const orm = await openOrm(config, pino({ level: 'silent' }), { migrate: false });
+    const side = await openDatabase(config, pino({ level: 'silent' }), { migrate: false });
     try {
-      const em = orm.em.fork();
-      const report = await checkInvariants(em);
+      const em = side.fork();
+      const report = await checkInvariants(side);
       expect({ ...ctx, violations: report.violations }).toEqual({ ...ctx, violations: [] });
 
       // Every entry of the file stored exactly once, each in the state it must be in.
@@ -330,7 +330,7 @@ describe('SIGKILL at a seeded moment, restart, finish: nothing lost, nothing twi
         manual: manual.map((m) => `${m.description}:1`).sort(),
       });
     } finally {
-      await orm.close();
+      await side.close();
     }
   });
 });

@@ -13,7 +13,7 @@ import pino from 'pino';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import type { DatabaseConfig } from '../../src/config';
-import { openOrm, type Orm } from '../../src/db/orm';
+import { openDatabase, type Database } from '../../src/db/database';
 import { checkInvariants } from '../../src/ops/invariants';
 import { createTestDatabase, onPostgres, type TestDatabase } from '../helpers/database';
 import { call, expectGrpcError, money, startTestApp, type TestApp } from '../helpers/harness';
@@ -29,7 +29,7 @@ type Row = Record<string, unknown>;
 /** The database config of a running test app, for a second connection of the test's own. */
 const dbConfigOf = (t: TestApp): DatabaseConfig => t.app.config.database;
 
-const openSide = (config: DatabaseConfig): Promise<Orm> => openOrm(config, pino({ level: 'silent' }), { migrate: false });
+const openSide = (config: DatabaseConfig): Promise<Database> => openDatabase(config, pino({ level: 'silent' }), { migrate: false });
 
 /** Calls `send` until it succeeds (a bounded number of times), returning the result. */
 async function untilOk<T>(send: () => Promise<T>, what: string): Promise<T> {
@@ -69,7 +69,7 @@ describe('client deadlines and cancellation', () => {
     let watching = true;
     const watcher = (async () => {
       while (watching) {
-        const [{ n }] = await side.em.fork().execute<Row[]>(`select count(*) as n from usage_logs`);
+        const [{ n }] = await side.fork().execute<Row[]>(`select count(*) as n from usage_logs`);
         seen.add(Number(n));
         await sleep(2);
       }
@@ -96,9 +96,9 @@ describe('client deadlines and cancellation', () => {
       // A second trigger completes what might be missing and bills nothing twice.
       const again = (await call(t.jobs, 'processLogs', {}, { deadlineMs: 60_000 })).jobRun!;
       expect(again.status).toBe(jobPb.JobRunStatus.JOB_RUN_STATUS_SUCCEEDED);
-      const [{ n }] = await side.em.fork().execute<Row[]>(`select count(*) as n from usage_logs where status = 'BILLED'`);
+      const [{ n }] = await side.fork().execute<Row[]>(`select count(*) as n from usage_logs where status = 'BILLED'`);
       expect(Number(n)).toBe(N);
-      expect((await checkInvariants(t.app.orm.em)).violations).toEqual([]);
+      expect((await checkInvariants(t.app.db)).violations).toEqual([]);
     } finally {
       await side.close();
     }
@@ -127,12 +127,12 @@ describe('client deadlines and cancellation', () => {
     for (const f of first.filter((x) => x.code === 'OK')) {
       expect(retried.find((r) => r.requestId === f.requestId)!.txId).toBe(f.txId);
     }
-    const rows = await t.app.orm.em.fork().execute<Row[]>(
+    const rows = await t.app.db.fork().execute<Row[]>(
       `select request_id, cast(amount as text) as amount from wallet_transactions where type = 'CREDIT' order by request_id`,
     );
     expect(rows.map((r) => `${r.request_id}=${r.amount}`).sort()).toEqual(ids.map((id, i) => `${id}=${(i + 1) * 1_000_000}`).sort());
     expect(micros((await call(t.wallets, 'getBalance', { userId })).balance)).toBe(465_000_000n); // 1 + 2 + ... + 30
-    expect((await checkInvariants(t.app.orm.em)).violations).toEqual([]);
+    expect((await checkInvariants(t.app.db)).violations).toEqual([]);
   });
 });
 
@@ -141,7 +141,7 @@ describe('when the database is locked or drops its connections', () => {
   afterEach(async () => t?.stop());
 
   async function state() {
-    const em = t.app.orm.em.fork();
+    const em = t.app.db.fork();
     const [credits] = await em.execute<Row[]>(`select count(*) as n from wallet_transactions where type = 'CREDIT'`);
     const [records] = await em.execute<Row[]>(`select count(*) as n from billing_records`);
     const [keys] = await em.execute<Row[]>(`select count(*) as n from idempotency_keys`);
@@ -164,7 +164,7 @@ describe('when the database is locked or drops its connections', () => {
       const held = new Promise<void>((resolve) => (release = resolve));
       let locked!: () => void;
       const isLocked = new Promise<void>((resolve) => (locked = resolve));
-      const holder = other.em.fork().transactional(async (tx) => {
+      const holder = other.fork().transactional(async (tx) => {
         await tx.execute('update users set name = name', [], 'run');
         locked();
         await held;
@@ -194,7 +194,52 @@ describe('when the database is locked or drops its connections', () => {
       expect(rec.outcome).toBe(billingPb.ChargeOutcome.CHARGE_OUTCOME_CHARGED);
       expect(micros((await call(t.wallets, 'getBalance', { userId })).balance)).toBe(12_000_000n);
       expect(await state()).toEqual({ credits: before.credits + 1, records: 1, keys: before.keys + 2, balance: '12000000' });
-      expect((await checkInvariants(t.app.orm.em)).violations).toEqual([]);
+      expect((await checkInvariants(t.app.db)).violations).toEqual([]);
+    },
+  );
+
+  (onPostgres ? it.skip : it)(
+    'SQLite: a write whose caller gave up (deadline) while it waited for the writer is never applied',
+    async () => {
+      t = await startTestApp({}, { scheduler: false });
+      const { user } = await call(t.users, 'createUser', { email: 'gone@example.com', name: 'G', requestId: '' });
+      const userId = user!.id;
+      const other = await openSide(dbConfigOf(t));
+      let release!: () => void;
+      const held = new Promise<void>((resolve) => (release = resolve));
+      let locked!: () => void;
+      const isLocked = new Promise<void>((resolve) => (locked = resolve));
+      const holder = other.fork().transactional(async (tx) => {
+        await tx.execute('update users set name = name', [], 'run');
+        locked();
+        await held;
+      });
+      try {
+        await isLocked;
+        // The first credit waits for the lock (SQLite's busy timeout); the second queues behind it.
+        const first = call(t.wallets, 'addFunds', { userId, amount: money('1'), requestId: 'first' }, { deadlineMs: 30_000 });
+        await sleep(100);
+        const gaveUp = await call(t.wallets, 'addFunds', { userId, amount: money('2'), requestId: 'gave-up' }, { deadlineMs: 300 }).then(
+          () => 'OK',
+          codeOf,
+        );
+        expect(gaveUp).toBe('DEADLINE_EXCEEDED');
+        await sleep(700);
+        release(); // the first credit gets the lock and commits; the second's turn comes after its caller left
+        await first;
+      } finally {
+        release();
+        await holder;
+        await other.close();
+      }
+      await sleep(200);
+      const rows = await t.app.db.fork().execute<Row[]>(`select request_id from wallet_transactions where type = 'CREDIT' order by id`);
+      expect(rows.map((r) => r.request_id)).toEqual(['first']);
+      expect(micros((await call(t.wallets, 'getBalance', { userId })).balance)).toBe(1_000_000n);
+      // Its retry with the same request_id is a first credit, applied once.
+      await call(t.wallets, 'addFunds', { userId, amount: money('2'), requestId: 'gave-up' });
+      await call(t.wallets, 'addFunds', { userId, amount: money('2'), requestId: 'gave-up' });
+      expect(micros((await call(t.wallets, 'getBalance', { userId })).balance)).toBe(3_000_000n);
     },
   );
 
@@ -255,12 +300,12 @@ describe('when the database is locked or drops its connections', () => {
         // Recovery: every request goes through, once; a replay changes nothing.
         for (const p of plan) await untilOk(p.send, p.requestId);
         for (const p of plan) await p.send();
-        const em = t.app.orm.em.fork();
+        const em = t.app.db.fork();
         const credits = await em.execute<Row[]>(`select request_id, count(*) as n from wallet_transactions where type = 'CREDIT' group by request_id`);
         const records = await em.execute<Row[]>(`select description, count(*) as n from billing_records group by description`);
         const once = [...credits.map((r) => `${r.request_id}:${Number(r.n)}`), ...records.map((r) => `${r.description}:${Number(r.n)}`)];
         expect(once.sort()).toEqual(plan.map((p) => `${p.requestId}:1`).sort());
-        expect((await checkInvariants(t.app.orm.em)).violations).toEqual([]);
+        expect((await checkInvariants(t.app.db)).violations).toEqual([]);
 
         // While the connections went away, a call either succeeded or said UNAVAILABLE (retry): never INTERNAL.
         const unexpected = [...codes].filter(([, code]) => code !== 'OK' && code !== 'UNAVAILABLE');
@@ -354,16 +399,16 @@ describe('SIGTERM under load', () => {
     expect(await svc.exit).toEqual({ code: 0, signal: null });
 
     const config: DatabaseConfig = db.env.DATABASE_URL ? { kind: 'postgresql', url: db.env.DATABASE_URL } : { kind: 'sqlite', path: db.env.DB_PATH };
-    const orm = await openSide(config);
+    const side = await openSide(config);
     try {
-      const em = orm.em.fork();
-      expect((await checkInvariants(em)).violations).toEqual([]);
+      const em = side.fork();
+      expect((await checkInvariants(side)).violations).toEqual([]);
       const credits = await em.execute<Row[]>(`select request_id, count(*) as n from wallet_transactions where type = 'CREDIT' group by request_id`);
       const records = await em.execute<Row[]>(`select description, count(*) as n from billing_records group by description`);
       const once = [...credits.map((r) => `${r.request_id}:${Number(r.n)}`), ...records.map((r) => `${r.description}:${Number(r.n)}`)];
       expect(once.sort()).toEqual(plan.map((p) => `${p.requestId}:1`).sort());
     } finally {
-      await orm.close();
+      await side.close();
     }
   });
 });

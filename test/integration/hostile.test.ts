@@ -20,9 +20,9 @@ import type * as moneyPb from '../../generated/billing/v1/money';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 import { checkInvariants } from '../../src/ops/invariants';
-import { usageIdentity, rejectedIdentity } from '../../src/usage/identity';
+import { usageIdentity, rejectedIdentity } from '../../src/usage/entries';
 import { readUsageFile, UsageFileError } from '../../src/usage/parser';
-import { validateEntry } from '../../src/usage/validate';
+import { validateEntry } from '../../src/usage/entries';
 import { call, money, reasonOf, startTestApp, type TestApp } from '../helpers/harness';
 
 const INT64_MIN = -(2n ** 63n);
@@ -82,7 +82,7 @@ describe('hostile input against the running server', () => {
 
   const TABLES = ['users', 'wallets', 'wallet_transactions', 'billing_records', 'line_items', 'usage_logs', 'idempotency_keys', 'job_runs'];
   async function rowCounts(): Promise<Record<string, number>> {
-    const em = t.app.orm.em.fork();
+    const em = t.app.db.fork();
     const out: Record<string, number> = {};
     for (const table of TABLES) out[table] = Number((await em.execute<{ n: unknown }[]>(`select count(*) as n from ${table}`))[0].n);
     const [w] = await em.execute<{ b: string }[]>(`select cast(coalesce(sum(balance), 0) as text) as b from wallets`);
@@ -522,7 +522,7 @@ describe('usage lines of any shape', () => {
       await call(t.wallets, 'addFunds', { userId: user!.id, amount: money('1000'), requestId: '' });
       const file = path.join(t.dir, 'usage-logs.json');
       const stored = async () =>
-        Number((await t.app.orm.em.fork().execute<{ n: unknown }[]>(`select count(*) as n from usage_logs`))[0].n);
+        Number((await t.app.db.fork().execute<{ n: unknown }[]>(`select count(*) as n from usage_logs`))[0].n);
       await fc.assert(
         fc.asyncProperty(usageLines, async (lines) => {
           fs.writeFileSync(file, lines.join('\n') + '\n');
@@ -544,7 +544,7 @@ describe('usage lines of any shape', () => {
         }),
         { numRuns: 25 },
       );
-      expect((await checkInvariants(t.app.orm.em)).violations).toEqual([]);
+      expect((await checkInvariants(t.app.db)).violations).toEqual([]);
     } finally {
       await t.stop();
     }

@@ -11,7 +11,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { EntityManager } from '@mikro-orm/knex';
 import pino from 'pino';
-import { openOrm } from '../../src/db/orm';
+import { openDatabase } from '../../src/db/database';
 import { checkInvariants, INVARIANT_RULES, type InvariantReport, type InvariantRule } from '../../src/ops/invariants';
 import { createTestDatabase, onPostgres } from '../helpers/database';
 import { FakeClock } from '../helpers/fake-clock';
@@ -40,7 +40,7 @@ describe('the invariant checker', () => {
   let clock: FakeClock;
 
   /** Reads rows through a fresh fork of the app's entity manager. */
-  const q = (sql: string, params: unknown[] = []) => t.app.orm.em.fork().execute<Row[]>(sql, params);
+  const q = (sql: string, params: unknown[] = []) => t.app.db.fork().execute<Row[]>(sql, params);
 
   beforeAll(async () => {
     clock = new FakeClock();
@@ -90,11 +90,11 @@ describe('the invariant checker', () => {
    */
   async function corrupted(corrupt: (tx: EntityManager) => Promise<void>): Promise<InvariantReport> {
     let report: InvariantReport | undefined;
-    const em = t.app.orm.em.fork();
+    const em = t.app.db.fork();
     try {
       await em.transactional(async (tx) => {
         await corrupt(tx);
-        report = await checkInvariants(tx);
+        report = await checkInvariants(t.app.db, { within: tx });
         throw new Rollback();
       });
     } catch (err) {
@@ -132,7 +132,7 @@ describe('the invariant checker', () => {
     );
 
   it('passes on a busy healthy database and counts what it holds', async () => {
-    const report = await checkInvariants(t.app.orm.em);
+    const report = await checkInvariants(t.app.db);
     expect(report.violations).toEqual([]);
     expect(report.ok).toBe(true);
     const c = report.counts;
@@ -363,7 +363,7 @@ describe('the invariant checker', () => {
   });
 
   it('the rolled-back corruptions left the database healthy', async () => {
-    expect((await checkInvariants(t.app.orm.em)).violations).toEqual([]);
+    expect((await checkInvariants(t.app.db)).violations).toEqual([]);
   });
 
   describe('npm run check-invariants', () => {
@@ -378,14 +378,14 @@ describe('the invariant checker', () => {
       expect(healthy.stdout).toContain('OK: every invariant holds');
 
       const [{ user_id }] = await q(`select user_id from wallets where balance > 0 order by user_id limit 1`);
-      await t.app.orm.em.fork().execute('update wallets set balance = balance + 1 where user_id = ?', [user_id]);
+      await t.app.db.fork().execute('update wallets set balance = balance + 1 where user_id = ?', [user_id]);
       try {
         const broken = await runCli(dbEnv());
         expect(broken.code).toBe(1);
         expect(broken.stdout).toContain('balance_matches_ledger');
         expect(broken.stdout).toContain(`wallet of user ${user_id}`);
       } finally {
-        await t.app.orm.em.fork().execute('update wallets set balance = balance - 1 where user_id = ?', [user_id]);
+        await t.app.db.fork().execute('update wallets set balance = balance - 1 where user_id = ?', [user_id]);
       }
     });
 
@@ -418,9 +418,9 @@ describe('the invariant checker', () => {
       } else {
         // An operator's arbitrary SQLite file: a database with a table of its own.
         const file = path.join(dir, 'other.db');
-        const orm = await openOrm({ kind: 'sqlite', path: file }, pino({ level: 'silent' }), { migrate: false });
-        await orm.em.fork().execute('create table notes (body text)');
-        await orm.close();
+        const db = await openDatabase({ kind: 'sqlite', path: file }, pino({ level: 'silent' }), { migrate: false });
+        await db.fork().execute('create table notes (body text)');
+        await db.close();
         env = {};
         args = [file];
       }
@@ -431,16 +431,16 @@ describe('the invariant checker', () => {
         const config = onPostgres
           ? { kind: 'postgresql' as const, url: env.DATABASE_URL }
           : { kind: 'sqlite' as const, path: args[0] };
-        const orm = await openOrm(config, pino({ level: 'silent' }), { migrate: false });
+        const db = await openDatabase(config, pino({ level: 'silent' }), { migrate: false });
         try {
-          const tables = await orm.em.fork().execute<{ name: string }[]>(
+          const tables = await db.fork().execute<{ name: string }[]>(
             onPostgres
               ? `select table_name as name from information_schema.tables where table_schema = 'public'`
               : `select name from sqlite_master where type = 'table'`,
           );
           expect(tables.map((x) => x.name)).toEqual(onPostgres ? [] : ['notes']);
         } finally {
-          await orm.close();
+          await db.close();
         }
       } finally {
         await foreign.drop();

@@ -38,7 +38,7 @@ describe('job runs', () => {
     try {
       const now = Date.now();
       // Another replica's run: its last heartbeat was 5 s ago. And a live one of another replica, renewed just now.
-      await t.app.orm.em.fork().execute(
+      await t.app.db.fork().execute(
         `insert into job_runs (kind, status, trigger, started_at, heartbeat_at) values ('PROCESS_LOGS', 'RUNNING', 'cron', ?, ?), ('PROCESS_LOGS', 'RUNNING', 'rpc', ?, ?)`,
         [now - 60_000, now - 5_000, now, now + 60_000],
       );
@@ -105,7 +105,7 @@ describe('job runs', () => {
     const db = await createTestDatabase(dir);
     try {
       const t = await startTestApp(db.env);
-      await t.app.orm.em.fork().execute(
+      await t.app.db.fork().execute(
         `insert into job_runs (kind, status, trigger, started_at) values ('PROCESS_LOGS', 'RUNNING', 'rpc', ?)`,
         [Date.now()],
       );

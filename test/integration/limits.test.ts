@@ -39,7 +39,7 @@ function sendRaw(client: grpc.Client, bytes: Buffer): Promise<grpc.status> {
 }
 
 async function emails(t: TestApp): Promise<Set<string>> {
-  const rows = await t.app.orm.em.fork().execute<{ email: string }[]>('select email from users');
+  const rows = await t.app.db.fork().execute<{ email: string }[]>('select email from users');
   return new Set(rows.map((r) => r.email));
 }
 

@@ -5,7 +5,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { EntityManager } from '@mikro-orm/knex';
 import { service as healthServiceDefinition } from 'grpc-health-check';
 import pino from 'pino';
-import type { Services } from '../../src/app';
+import type { Services } from '../../src/grpc/server';
 import { createGrpcServer } from '../../src/grpc/server';
 import { startTestApp, type TestApp } from '../helpers/harness';
 
@@ -247,7 +247,7 @@ describe('gRPC health', () => {
   it('is NOT_SERVING until setServing(true), and NOT_SERVING again as soon as shutdown starts', async () => {
     // The server alone, without the app: nothing here reaches a service or the database.
     const grpcServer = createGrpcServer({
-      em: {} as EntityManager,
+      fork: () => ({}) as EntityManager,
       services: {} as Services,
       log: pino({ level: 'silent' }),
       currency: 'USD',

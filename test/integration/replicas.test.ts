@@ -35,7 +35,7 @@ import { entry, writeNdjson } from '../helpers/usage';
 
   it('start at the same moment on a fresh database: one migrates, all come up', async () => {
     apps = await start(3);
-    const rows = await apps[0].app.orm.em.fork().execute<{ n: number }[]>('select count(*) as n from mikro_orm_migrations');
+    const rows = await apps[0].app.db.fork().execute<{ n: number }[]>('select count(*) as n from mikro_orm_migrations');
     expect(Number(rows[0].n)).toBe(migrationsList.length); // each applied once
   });
 
@@ -68,7 +68,7 @@ import { entry, writeNdjson } from '../helpers/usage';
       c.app.services.jobs.runForPeriod('PROCESS_ALL', key),
       call(c.jobs, 'processAll', {}),
     ]);
-    const logs = await a.app.orm.em.fork().execute<{ status: string; n: number }[]>(
+    const logs = await a.app.db.fork().execute<{ status: string; n: number }[]>(
       'select status, count(*) as n from usage_logs group by status',
     );
     expect(logs.map((r) => [r.status, Number(r.n)])).toEqual([['BILLED', 3000]]);
@@ -151,7 +151,7 @@ import { entry, writeNdjson } from '../helpers/usage';
 
     const em = (await startTestApp({ ...db.env }, { scheduler: false })).app;
     try {
-      const q = <T>(sql: string) => em.orm.em.fork().execute<T[]>(sql);
+      const q = <T>(sql: string) => em.db.fork().execute<T[]>(sql);
       // Every usage entry stored once and billed once.
       const usageRows = await q<{ status: string; n: number }>(`select status, count(*) as n from usage_logs group by status order by status`);
       expect(usageRows.map((r) => [r.status, Number(r.n)])).toEqual([['BILLED', entries.length]]);

@@ -38,7 +38,7 @@ async function expectUnavailable(promise: Promise<unknown>): Promise<void> {
 }
 
 async function countUsers(t: TestApp): Promise<number> {
-  const rows = await t.app.orm.em.fork().execute<{ n: number }[]>('select count(*) as n from users');
+  const rows = await t.app.db.fork().execute<{ n: number }[]>('select count(*) as n from users');
   return Number(rows[0].n);
 }
 

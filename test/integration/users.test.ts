@@ -2,7 +2,7 @@ import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import * as grpc from '@grpc/grpc-js';
 import pino from 'pino';
-import { openOrm } from '../../src/db/orm';
+import { openDatabase } from '../../src/db/database';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as pb from '../../generated/billing/v1/user_service';
 import { onPostgres } from '../helpers/database';
@@ -30,7 +30,7 @@ async function createUser(overrides: Partial<pb.CreateUserRequest> = {}): Promis
 }
 
 async function sql<T>(query: string, params: unknown[] = []): Promise<T[]> {
-  return t.app.orm.em.fork().execute<T[]>(query, params);
+  return t.app.db.fork().execute<T[]>(query, params);
 }
 
 async function countUsers(): Promise<number> {
@@ -279,7 +279,7 @@ describe('ListUsers', () => {
   /** Inserts n live users straight into the table (far faster than n RPCs); the listing is what is under test. */
   async function insertUsers(n: number, prefix: string): Promise<void> {
     const now = Date.now();
-    const em = l.app.orm.em.fork();
+    const em = l.app.db.fork();
     for (let i = 0; i < n; i += 100) {
       const chunk = Array.from({ length: Math.min(100, n - i) }, (_, k) => i + k);
       await em.execute(
@@ -341,7 +341,7 @@ describe('ListUsers', () => {
 
   it('returns 50 users when page_size is 0 and at most 500 when page_size is larger', async () => {
     await insertUsers(520, 'bulk');
-    const total = (await l.app.orm.em.fork().execute<{ n: number }[]>('select count(*) as n from users where deleted_at is null'))[0].n;
+    const total = (await l.app.db.fork().execute<{ n: number }[]>('select count(*) as n from users where deleted_at is null'))[0].n;
     expect(Number(total)).toBeGreaterThan(500);
 
     const byDefault = await list({});
@@ -403,12 +403,12 @@ describe('when the database fails', () => {
   // SQLite has one writer: a second process holding the write lock is the failure to prove. (PostgreSQL locks rows,
   // so an unrelated writer never blocks CreateUser there.)
   (onPostgres ? it.skip : it)('returns UNAVAILABLE DATABASE_UNAVAILABLE while another connection holds the write lock past the busy timeout', async () => {
-    const other = await openOrm({ kind: 'sqlite', path: path.join(d.dir, 'billing.db') }, pino({ level: 'silent' }));
+    const other = await openDatabase({ kind: 'sqlite', path: path.join(d.dir, 'billing.db') }, pino({ level: 'silent' }));
     let release!: () => void;
     const held = new Promise<void>((resolve) => (release = resolve));
     let locked!: () => void;
     const isLocked = new Promise<void>((resolve) => (locked = resolve));
-    const holder = other.em.fork().transactional(async (tx) => {
+    const holder = other.fork().transactional(async (tx) => {
       await tx.execute('update users set name = name', [], 'run');
       await tx.execute("insert into idempotency_keys values ('lock', 'lock', 'x', 0, 0)", [], 'run');
       locked();
@@ -434,7 +434,7 @@ describe('when the database fails', () => {
 
   it('returns INTERNAL "internal error" without SQL or table names for an unexpected failure, and keeps serving', async () => {
     const user = (await call(d.users, 'createUser', { email: 'before-drop@example.com', name: 'B', requestId: '' })).user!;
-    await d.app.orm.em.fork().execute('drop table idempotency_keys', [], 'run');
+    await d.app.db.fork().execute('drop table idempotency_keys', [], 'run');
 
     const err = await expectGrpcError(
       call(d.users, 'createUser', { email: 'after-drop@example.com', name: 'A', requestId: 'needs-the-dropped-table' }),
@@ -466,7 +466,7 @@ describe('RPC logging', () => {
     try {
       const user = (await call(r.users, 'createUser', { email: 'logged@example.com', name: 'L', requestId: '' })).user!;
       await expectGrpcError(call(r.users, 'getUser', { id: 987_654_321n }), NOT_FOUND, 'USER_NOT_FOUND');
-      await r.app.orm.em.fork().execute('alter table users rename to users_gone', [], 'run');
+      await r.app.db.fork().execute('alter table users rename to users_gone', [], 'run');
       await expectGrpcError(call(r.users, 'getUser', { id: user.id }), grpc.status.INTERNAL, 'INTERNAL');
     } finally {
       await r.stop();

@@ -28,7 +28,7 @@ const addFunds = (userId: bigint, amount: moneyPb.Money | undefined, requestId =
 const balanceOf = async (userId: bigint) => (await call(t.wallets, 'getBalance', { userId })).balance;
 
 async function sql<T>(query: string, params: unknown[] = []): Promise<T[]> {
-  return t.app.orm.em.fork().execute<T[]>(query, params);
+  return t.app.db.fork().execute<T[]>(query, params);
 }
 
 /** The ledger as the database holds it: row count and credits - debits, in micros. */

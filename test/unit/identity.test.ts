@@ -1,6 +1,6 @@
 import { JsonNumber, type JsonValue } from '../../src/usage/parser';
-import { rejectedIdentity, usageIdentity } from '../../src/usage/identity';
-import { type ValidUsage, validateEntry } from '../../src/usage/validate';
+import { rejectedIdentity, usageIdentity } from '../../src/usage/entries';
+import { type ValidUsage, validateEntry } from '../../src/usage/entries';
 
 const base: ValidUsage = {
   userId: 42,

@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { JsonNumber, type JsonValue, type RawEntry } from '../../src/usage/parser';
-import { type RejectReason, type Validation, validateEntry } from '../../src/usage/validate';
+import { type RejectReason, type Validation, validateEntry } from '../../src/usage/entries';
 
 const NOW = new Date('2024-06-01T12:00:00Z');
 const SKEW = 5 * 60_000;

@@ -1,4 +1,8 @@
-/** ORM options for the configured database, and start-up (connect + migrate). */
+/**
+ * The engines under the database object: MikroORM on SQLite or PostgreSQL,
+ * connected, configured and migrated, with their raw connections. Only
+ * database.ts uses this; everything it returns belongs to one Engine object.
+ */
 import { MikroORM as SqliteORM, defineConfig as defineSqlite } from '@mikro-orm/sqlite';
 import type { EntityManager } from '@mikro-orm/knex';
 import { Migrator } from '@mikro-orm/migrations';
@@ -7,15 +11,20 @@ import type { Logger } from 'pino';
 import type { DatabaseConfig } from '../config';
 import { entities } from './entities';
 import { migrationsList } from './migrations';
-import { openSqliteReaders } from './raw';
+import { pgStatements, sqliteStatements, type PgConnection, type SqliteConnection, type SqliteStatement, type Statements } from './statements';
 
-export type Orm = { em: EntityManager; close(force?: boolean): Promise<void>; kind: DatabaseConfig['kind'] };
-
-interface SqliteRawConnection {
-  exec(sql: string, cb: (err: Error | null) => void): void;
+export interface Engine {
+  readonly dialect: DatabaseConfig['kind'];
+  /** The ORM's root entity manager. */
+  readonly em: EntityManager;
+  /** Statements on the connection of `em`'s transaction. */
+  statementsOf(em: EntityManager): Promise<Statements>;
+  /** A committed read outside any transaction (SQLite: on a reader), with a kept statement. */
+  read<T>(sql: string, params: unknown[]): Promise<T[]>;
+  close(force?: boolean): Promise<void>;
 }
 
-/** Applied to every SQLite connection (exported so the benchmark's raw-driver floor uses the same settings). */
+/** Applied to every SQLite connection (exported so the benchmark's raw-driver floors use the same settings). */
 export const SQLITE_PRAGMAS = [
   'pragma journal_mode = wal',
   'pragma busy_timeout = 5000',
@@ -26,7 +35,7 @@ export const SQLITE_PRAGMAS = [
   'pragma cache_size = -24576',
 ].join('; ');
 
-/** Read-only connections for rawRead (SQLite runs readers in parallel with its one writer). */
+/** Read-only connections beside the one writer (SQLite runs readers in parallel with its writer). */
 const SQLITE_READERS = 2;
 const SQLITE_READER_PRAGMAS = ['pragma busy_timeout = 5000', 'pragma query_only = on'].join('; ');
 
@@ -62,16 +71,22 @@ function pgTypeParser(oid: number, format?: string): (value: string) => unknown 
   return pgTypes.getTypeParser(oid, format as 'text');
 }
 
-export interface OpenOrmOptions {
-  /**
-   * Apply pending migrations (default true). Tools that inspect a database
-   * they do not own (the invariant checker) pass false and check the schema;
-   * then a missing PostgreSQL database is not created either.
-   */
-  migrate?: boolean;
+interface KnexClient {
+  acquireConnection(): Promise<unknown>;
+  releaseConnection(conn: unknown): unknown;
 }
 
-export async function openOrm(db: DatabaseConfig, log: Logger, opts: OpenOrmOptions = {}): Promise<Orm> {
+type SqliteRaw = SqliteConnection & {
+  exec(sql: string, cb: (err: Error | null) => void): void;
+  close(cb: (err: Error | null) => void): void;
+};
+
+interface SqliteDriver {
+  OPEN_READONLY: number;
+  Database: new (file: string, mode: number, cb: (err: Error | null) => void) => SqliteRaw;
+}
+
+export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrate?: boolean }): Promise<Engine> {
   // knex logs its own warnings (a dropped pooled connection, say) with console.log; route them to pino.
   const knexLog = {
     warn: (message: unknown) => log.warn({ component: 'knex' }, String(message)),
@@ -101,8 +116,7 @@ export async function openOrm(db: DatabaseConfig, log: Logger, opts: OpenOrmOpti
         pool: {
           min: 1,
           max: 1,
-          afterCreate: (conn: SqliteRawConnection, done: (err: Error | null, conn: unknown) => void) =>
-            conn.exec(SQLITE_PRAGMAS, (err) => done(err, conn)),
+          afterCreate: (conn: SqliteRaw, done: (err: Error | null, conn: unknown) => void) => conn.exec(SQLITE_PRAGMAS, (err) => done(err, conn)),
         },
       }),
     );
@@ -129,7 +143,6 @@ export async function openOrm(db: DatabaseConfig, log: Logger, opts: OpenOrmOpti
   try {
     // Several replicas may start at once: on PostgreSQL one migrates while the others wait on a session lock,
     // then find nothing pending. (SQLite has one writer and one process.)
-    // migrate: false leaves the schema as it is; the caller checks it.
     if (opts.migrate !== false) {
       if (db.kind === 'postgresql') await withPgSessionLock(db.url, MIGRATION_LOCK_KEY, migrate);
       else await migrate();
@@ -139,13 +152,71 @@ export async function openOrm(db: DatabaseConfig, log: Logger, opts: OpenOrmOpti
     throw err;
   }
   const em = orm.em as unknown as EntityManager;
-  // SQLite: read-only connections beside the one writer serve the hot reads (db/raw.ts rawRead).
-  const readers = db.kind === 'sqlite' && db.path !== ':memory:' && db.path !== '' ? await openSqliteReaders(em, db.path, SQLITE_READERS, SQLITE_READER_PRAGMAS) : null;
+  const knexClient = em.getConnection().getKnex().client as KnexClient & { driver: SqliteDriver };
+  /** The transaction's own connection (knex's transaction client hands out only that one). */
+  const txConnection = (txEm: EntityManager): Promise<unknown> => {
+    const trx = txEm.getTransactionContext() as { client: KnexClient } | undefined;
+    if (!trx) throw new Error('statements need a transaction');
+    return trx.client.acquireConnection();
+  };
+
+  if (db.kind === 'postgresql') {
+    const names = new Map<string, string>();
+    return {
+      dialect: 'postgresql',
+      em,
+      statementsOf: async (txEm) => pgStatements((await txConnection(txEm)) as PgConnection, names),
+      async read<T>(sql: string, params: unknown[]): Promise<T[]> {
+        const conn = await knexClient.acquireConnection();
+        try {
+          return await pgStatements(conn as PgConnection, names).all<T>(sql, params, true);
+        } finally {
+          knexClient.releaseConnection(conn);
+        }
+      },
+      close: (force) => orm.close(force),
+    };
+  }
+
+  // SQLite: kept statements per connection (the writer and each reader), held here.
+  const kept = new WeakMap<object, Map<string, SqliteStatement>>();
+  const keptOn = (conn: object) => {
+    let map = kept.get(conn);
+    if (!map) kept.set(conn, (map = new Map()));
+    return map;
+  };
+  const file = db.path;
+  const inMemory = file === ':memory:' || file === '';
+  const openReader = () =>
+    new Promise<SqliteRaw>((resolve, reject) => {
+      const conn = new knexClient.driver.Database(file, knexClient.driver.OPEN_READONLY, (err) => {
+        if (err) return reject(err);
+        conn.exec(SQLITE_READER_PRAGMAS, (e) => (e ? reject(e) : resolve(conn)));
+      });
+    });
+  const readers = inMemory ? [] : await Promise.all(Array.from({ length: SQLITE_READERS }, openReader));
+  let turn = 0;
   return {
+    dialect: 'sqlite',
     em,
-    kind: db.kind,
-    close: async (force?: boolean) => {
-      await readers?.close();
+    statementsOf: async (txEm) => {
+      const conn = (await txConnection(txEm)) as SqliteConnection;
+      return sqliteStatements(conn, keptOn(conn));
+    },
+    async read<T>(sql: string, params: unknown[]): Promise<T[]> {
+      if (readers.length > 0) {
+        const reader = readers[turn++ % readers.length];
+        return sqliteStatements(reader, keptOn(reader)).all<T>(sql, params, true);
+      }
+      const conn = (await knexClient.acquireConnection()) as SqliteConnection;
+      try {
+        return await sqliteStatements(conn, keptOn(conn)).all<T>(sql, params, true);
+      } finally {
+        knexClient.releaseConnection(conn);
+      }
+    },
+    async close(force) {
+      await Promise.all(readers.map((r) => new Promise<void>((resolve) => r.close(() => resolve()))));
       await orm.close(force);
     },
   };

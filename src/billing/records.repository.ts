@@ -1,0 +1,300 @@
+/**
+ * The door of the `billing_records` and `line_items` tables: records are
+ * created here (manual ones, and the usage records of an ingestion run with
+ * their line items), and move from status to status only through `apply`,
+ * guarded by the status and attempt count they were read with, so a record
+ * that another charger moved first is never moved twice (StaleRecord).
+ */
+import type { EntityDictionary } from '@mikro-orm/core';
+import type { EntityManager } from '@mikro-orm/knex';
+import type { Database, Tx } from '../db/database';
+import { epochMs, int64 } from '../db/types';
+import { notFound } from '../shared/errors';
+import { pageOf, type Page } from '../shared/paging';
+import { BillingRecord, LineItem, type BillingRecordStatus } from './billing-record.entity';
+import type { ChargeDecision } from './charge-decision';
+import { INSUFFICIENT_FUNDS } from './charge-decision';
+
+export interface RecordView {
+  record: BillingRecord;
+  lineItems: LineItem[];
+}
+
+/** A record as a charge attempt reads it. */
+export interface ChargeRow {
+  id: number;
+  userId: number;
+  amount: bigint;
+  status: BillingRecordStatus;
+  attemptCount: number;
+  nextAttemptAt: Date | null;
+}
+
+/** A decided attempt on a record, to be written by `apply`. */
+export interface Transition {
+  row: ChargeRow;
+  decision: Extract<ChargeDecision, { action: 'CHARGE' | 'RETRY' | 'FAIL' }>;
+}
+
+/** One line of a usage record: a service's total quantity, its unit price and its amount. */
+export interface LineDraft {
+  service: string;
+  quantity: bigint;
+  unitPrice: bigint;
+  amount: bigint;
+}
+
+export interface UsageRecordDraft {
+  id: number;
+  amount: bigint;
+  description: string;
+  lines: LineDraft[];
+}
+
+/** A record changed between its read and its write: read it again. */
+export class StaleRecord extends Error {
+  override readonly name = 'StaleRecord';
+}
+
+export interface BillingRecordsRepository {
+  /** Inserts a MANUAL record, PENDING and due at once (the scheduler makes its first attempt if nobody else does). */
+  createManual(tx: Tx, userId: number, amount: bigint, description: string, now: Date): Promise<number>;
+  /**
+   * Inserts one empty USAGE record per user for an ingestion run (amount 0,
+   * PENDING, due at once), so usage rows can point at it before its lines are
+   * known; completeUsageRecords writes its amount and lines.
+   */
+  reserveUsageRecords(tx: Tx, userIds: readonly number[], jobRunId: number, now: Date): Promise<Map<number, number>>;
+  /** Writes the amount, description and line items of records made by reserveUsageRecords. */
+  completeUsageRecords(tx: Tx, records: readonly UsageRecordDraft[]): Promise<void>;
+  /** A record and its lines as committed now, or NOT_FOUND. */
+  view(id: number): Promise<RecordView>;
+  list(
+    em: EntityManager,
+    filter: { userId: number | null; status: BillingRecordStatus | null },
+    page: Page,
+  ): Promise<{ items: RecordView[]; nextPageToken: string }>;
+  /** True when the user has a record that is not PAID (in `tx`). */
+  hasUnpaid(tx: Tx, userId: number): Promise<boolean>;
+  /** The user's unpaid records, oldest first (committed read). */
+  unpaidIds(userId: number): Promise<number[]>;
+  /**
+   * The records to attempt, locked until `tx` ends on PostgreSQL (id order).
+   * `due`: only PENDING records due at `due`, skipping rows another replica holds.
+   */
+  readForCharge(tx: Tx, ids: readonly number[], due?: Date): Promise<ChargeRow[]>;
+  /** Writes decided attempts, each guarded by what it was read as; throws StaleRecord when any guard fails. */
+  apply(tx: Tx, transitions: readonly Transition[], now: Date): Promise<void>;
+  /** Up to `limit` PENDING records due at `now`, most overdue first (ids not in `skip`). */
+  dueIds(em: EntityManager, now: Date, limit: number): Promise<number[]>;
+  /** When the earliest scheduled retry is due, or null. */
+  nextDueTime(em: EntityManager): Promise<Date | null>;
+  /**
+   * Users with an unpaid record (already attempted: new records are charged by
+   * whoever created them) that their open wallet can pay now.
+   */
+  settleableUsers(limit: number): Promise<number[]>;
+}
+
+
+/** Rows per set-based statement (at most 5 parameters a row). */
+const SET_ROWS = 1000;
+
+function chargeRow(r: { id: number | string; user_id: number | string; amount: string; status: BillingRecordStatus; attempt_count: number | string; next_attempt_at: number | string | null }): ChargeRow {
+  return {
+    id: Number(r.id),
+    userId: Number(r.user_id),
+    amount: int64(r.amount),
+    status: r.status,
+    attemptCount: Number(r.attempt_count),
+    nextAttemptAt: r.next_attempt_at === null ? null : epochMs(r.next_attempt_at),
+  };
+}
+
+const placeholders = (n: number): string => Array.from({ length: n }, () => '?').join(', ');
+
+export function createBillingRecordsRepository(db: Database): BillingRecordsRepository {
+  /** Moves each record of `list` from its read state with `set` (v.* are the per-row values). */
+  async function moveMany(tx: Tx, list: readonly Transition[], set: string, setParams: unknown[], extra: (t: Transition) => unknown[], extraCols: string[]): Promise<void> {
+    const cols = ['id', 'read_status', 'read_attempts', 'attempts', ...extraCols];
+    for (let i = 0; i < list.length; i += SET_ROWS) {
+      const part = list.slice(i, i + SET_ROWS);
+      const row = `(cast(? as bigint), cast(? as text), cast(? as bigint), cast(? as bigint)${extraCols.map(() => ', cast(? as bigint)').join('')})`;
+      const changed = await tx.run(
+        `update billing_records set ${set}
+         from (select ${cols.map((c, k) => `column${k + 1} as ${c}`).join(', ')} from (values ${part.map(() => row).join(', ')}) as t) as v
+         where billing_records.id = v.id and billing_records.status = v.read_status and billing_records.attempt_count = v.read_attempts`,
+        [...setParams, ...part.flatMap((t) => [t.row.id, t.row.status, t.row.attemptCount, t.decision.attemptCount, ...extra(t)])],
+        { keep: part.length === 1 },
+      );
+      if (changed !== part.length) throw new StaleRecord();
+    }
+  }
+
+  return {
+    async createManual(tx, userId, amount, description, now) {
+      const [row] = await tx.all<{ id: number | string }>(
+        `insert into billing_records (user_id, kind, amount, status, description, attempt_count, next_attempt_at, failure_reason, created_at, updated_at)
+         values (?, 'MANUAL', cast(? as bigint), 'PENDING', ?, 0, ?, '', ?, ?) returning id`,
+        [userId, amount.toString(), description, now.getTime(), now.getTime(), now.getTime()],
+        { keep: true },
+      );
+      return Number(row.id);
+    },
+
+    async reserveUsageRecords(tx, userIds, jobRunId, now) {
+      const ids = await db.allocateIds(tx, 'billing_records', userIds.length);
+      const recordOf = new Map(userIds.map((u, i) => [u, ids[i]]));
+      const at = now.getTime();
+      for (let i = 0; i < userIds.length; i += 500) {
+        const part = userIds.slice(i, i + 500);
+        await tx.run(
+          `insert into billing_records (id, user_id, kind, amount, status, description, attempt_count, next_attempt_at, failure_reason, job_run_id, created_at, updated_at)
+           values ${part.map(() => `(?, ?, 'USAGE', 0, 'PENDING', '', 0, ?, '', ?, ?, ?)`).join(', ')}`,
+          part.flatMap((userId) => [recordOf.get(userId), userId, at, jobRunId, at, at]),
+        );
+      }
+      return recordOf;
+    },
+
+    async completeUsageRecords(tx, records) {
+      for (let i = 0; i < records.length; i += SET_ROWS) {
+        const part = records.slice(i, i + SET_ROWS);
+        const changed = await tx.run(
+          `update billing_records set amount = v.amount, description = v.description
+           from (select column1 as id, column2 as amount, column3 as description
+                 from (values ${part.map(() => '(cast(? as bigint), cast(? as bigint), ?)').join(', ')}) as t) as v
+           where billing_records.id = v.id`,
+          part.flatMap((r) => [r.id, r.amount.toString(), r.description]),
+        );
+        if (changed !== part.length) throw new Error('billing records of this run changed while ingesting; run aborted');
+      }
+      const lines = records.flatMap((r) => r.lines.map((l) => [r.id, l.service, l.quantity.toString(), l.unitPrice.toString(), l.amount.toString()]));
+      for (let i = 0; i < lines.length; i += SET_ROWS) {
+        const part = lines.slice(i, i + SET_ROWS);
+        await tx.run(
+          `insert into line_items (billing_record_id, service, quantity, unit_price, amount)
+           values ${part.map(() => '(?, ?, cast(? as bigint), cast(? as bigint), cast(? as bigint))').join(', ')}`,
+          part.flat(),
+        );
+      }
+    },
+
+    async view(id) {
+      const rows = await db.read<Record<string, unknown>>(
+        `select id, user_id, kind, cast(amount as text) as amount, status, description, attempt_count, next_attempt_at,
+                failure_reason, job_run_id, created_at, updated_at, paid_at
+         from billing_records where id = ?`,
+        [id],
+      );
+      if (rows.length === 0) throw notFound('BILLING_RECORD_NOT_FOUND', `billing record ${id} not found`);
+      const lines = await db.read<Record<string, unknown>>(
+        `select id, billing_record_id, service, cast(quantity as text) as quantity, cast(unit_price as text) as unit_price,
+                cast(amount as text) as amount
+         from line_items where billing_record_id = ? order by id`,
+        [id],
+      );
+      // The ORM maps the rows (column names, 64-bit text, epoch ms) as it maps its own reads.
+      const em = db.fork();
+      return {
+        record: em.map(BillingRecord, rows[0] as EntityDictionary<BillingRecord>),
+        lineItems: lines.map((l) => em.map(LineItem, l as EntityDictionary<LineItem>)),
+      };
+    },
+
+    async list(em, filter, page) {
+      const records = await em.find(
+        BillingRecord,
+        {
+          id: { $gt: page.afterId },
+          ...(filter.userId !== null ? { userId: filter.userId } : {}),
+          ...(filter.status !== null ? { status: filter.status } : {}),
+        },
+        { orderBy: { id: 'asc' }, limit: page.limit },
+      );
+      const { items, nextPageToken } = pageOf(records, page);
+      const lines = items.length ? await em.find(LineItem, { billingRecordId: { $in: items.map((r) => r.id) } }, { orderBy: { id: 'asc' } }) : [];
+      const byRecord = new Map<number, LineItem[]>();
+      for (const line of lines) {
+        const list = byRecord.get(line.billingRecordId) ?? [];
+        list.push(line);
+        byRecord.set(line.billingRecordId, list);
+      }
+      return { items: items.map((record) => ({ record, lineItems: byRecord.get(record.id) ?? [] })), nextPageToken };
+    },
+
+    async hasUnpaid(tx, userId) {
+      const rows = await tx.all(`select 1 as x from billing_records where user_id = ? and status <> 'PAID' limit 1`, [userId], { keep: true });
+      return rows.length > 0;
+    },
+
+    async unpaidIds(userId) {
+      const rows = await db.read<{ id: number | string }>(`select id from billing_records where user_id = ? and status <> 'PAID' order by id`, [userId]);
+      return rows.map((r) => Number(r.id));
+    },
+
+    async readForCharge(tx, ids, due) {
+      const rows = await tx.all<Parameters<typeof chargeRow>[0]>(
+        `select id, user_id, cast(amount as text) as amount, status, attempt_count, next_attempt_at
+         from billing_records where id in (${placeholders(ids.length)})${due ? ` and status = 'PENDING' and next_attempt_at <= ?` : ''}
+         order by id${due ? db.forUpdateSkipLocked() : db.forUpdate()}`,
+        due ? [...ids, due.getTime()] : [...ids],
+        { keep: ids.length === 1 },
+      );
+      return rows.map(chargeRow);
+    },
+
+    async apply(tx, transitions, now) {
+      const at = now.getTime();
+      const of = (action: Transition['decision']['action']) => transitions.filter((t) => t.decision.action === action);
+      await moveMany(
+        tx,
+        of('CHARGE'),
+        `status = 'PAID', paid_at = ?, updated_at = ?, attempt_count = v.attempts, next_attempt_at = null, failure_reason = ''`,
+        [at, at],
+        () => [],
+        [],
+      );
+      await moveMany(
+        tx,
+        of('RETRY'),
+        `attempt_count = v.attempts, next_attempt_at = v.next_attempt_at, failure_reason = ?, updated_at = ?`,
+        [INSUFFICIENT_FUNDS, at],
+        (t) => [t.decision.action === 'RETRY' ? t.decision.nextAttemptAt.getTime() : null],
+        ['next_attempt_at'],
+      );
+      await moveMany(
+        tx,
+        of('FAIL'),
+        `status = 'FAILED', attempt_count = v.attempts, next_attempt_at = null, failure_reason = ?, updated_at = ?`,
+        [INSUFFICIENT_FUNDS, at],
+        () => [],
+        [],
+      );
+    },
+
+    async dueIds(em, now, limit) {
+      const rows = await em.execute<{ id: number | string }[]>(
+        `select id from billing_records where status = 'PENDING' and next_attempt_at <= ? order by next_attempt_at, id limit ${Math.floor(limit)}`,
+        [now.getTime()],
+      );
+      return rows.map((r) => Number(r.id));
+    },
+
+    async nextDueTime(em) {
+      const rows = await em.execute<{ at: number | string | null }[]>(`select min(next_attempt_at) as at from billing_records where status = 'PENDING'`);
+      const at = rows[0]?.at;
+      return at === null || at === undefined ? null : epochMs(at);
+    },
+
+    async settleableUsers(limit) {
+      const rows = await db.read<{ user_id: number | string }>(
+        `select distinct r.user_id from billing_records r join wallets w on w.user_id = r.user_id
+         where r.status <> 'PAID' and r.attempt_count > 0 and w.closed_at is null and w.balance >= r.amount
+         order by r.user_id limit ?`,
+        [limit],
+      );
+      return rows.map((r) => Number(r.user_id));
+    },
+  };
+}

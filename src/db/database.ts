@@ -1,0 +1,191 @@
+/**
+ * The database object. Built once at start-up (openDatabase) and passed to
+ * every repository through its factory; nothing about the database lives in
+ * module state. It owns:
+ * - the ORM (MikroORM 6) and its root entity manager, forked per unit of work;
+ * - the connections: on SQLite the ORM's single writer plus read-only readers
+ *   for committed reads; on PostgreSQL the pool;
+ * - the prepared-statement caches of those connections;
+ * - group commit (SQLite: short writes that arrive together share a COMMIT);
+ * - the dialect: every SQL difference between SQLite and PostgreSQL is a
+ *   named method here (row locks, id allocation, serializing ingestion), so
+ *   domain code never asks which database it runs on.
+ */
+import type { EntityManager } from '@mikro-orm/knex';
+import type { Logger } from 'pino';
+import type { DatabaseConfig } from '../config';
+import { openEngine, type Engine } from './engine';
+import { GroupCommit } from './group-commit';
+import type { Statements } from './statements';
+
+export type Dialect = DatabaseConfig['kind'];
+
+/** Options for a statement run through a Tx or Database.read. */
+export interface StatementOptions {
+  /**
+   * Keep the statement prepared on its connection for later calls (the few
+   * fixed statements of hot paths). Without it a statement is prepared, run
+   * and released: right for SQL whose text varies (lists of placeholders).
+   */
+  keep?: boolean;
+}
+
+/** A write transaction: its unit of work, and statements on its own connection. */
+export interface Tx {
+  /** The transaction's unit of work (MikroORM entity manager). */
+  readonly em: EntityManager;
+  /** Runs `sql` (`?` placeholders) and returns how many rows it changed. */
+  run(sql: string, params: unknown[], opts?: StatementOptions): Promise<number>;
+  /** Runs `sql` and returns its rows (RETURNING rows for writes). */
+  all<T>(sql: string, params: unknown[], opts?: StatementOptions): Promise<T[]>;
+}
+
+export interface TransactionOptions {
+  /** Refuse to start (AbortError) when the caller has gone away. */
+  signal?: AbortSignal;
+}
+
+export interface Database {
+  readonly dialect: Dialect;
+  /** The root entity manager. Never used directly: fork it for a unit of work. */
+  readonly em: EntityManager;
+  /** A new unit of work for reads (em.find) outside any transaction. */
+  fork(): EntityManager;
+  /** Runs `work` in one write transaction: all of it commits, or none of it. */
+  transaction<T>(work: (tx: Tx) => Promise<T>, opts?: TransactionOptions): Promise<T>;
+  /**
+   * Runs a short write in a transaction that, on SQLite, other short writes
+   * arriving at the same moment may share (one COMMIT, one fsync, each write
+   * in its own savepoint; nobody is answered before the COMMIT). `work` must
+   * only write through `tx` and must not start transactions of its own.
+   */
+  groupWrite<T>(work: (tx: Tx) => Promise<T>, opts?: TransactionOptions): Promise<T>;
+  /**
+   * Rows of a read of committed data outside any transaction: on SQLite from a
+   * read-only connection beside the writer (never waiting for it), else from
+   * the pool. Prepared once per connection: for the fixed reads of hot paths.
+   */
+  read<T>(sql: string, params: unknown[]): Promise<T[]>;
+
+  // ---- the dialect, by name -------------------------------------------------
+
+  /** ` for update` on PostgreSQL (lock the rows read until the transaction ends); '' on SQLite (one writer). */
+  forUpdate(): string;
+  /** ` for update skip locked` on PostgreSQL (rows another replica holds are skipped); '' on SQLite. */
+  forUpdateSkipLocked(): string;
+  /** ` for share [of alias]` on PostgreSQL; '' on SQLite. */
+  forShare(alias?: string): string;
+  /**
+   * `n` new ids for `table` (an autoincrement/identity id), for rows inserted
+   * with explicit ids in this transaction: the sequence on PostgreSQL; on
+   * SQLite, past the largest id ever used (this transaction is the only writer).
+   */
+  allocateIds(tx: Tx, table: string, n: number): Promise<number[]>;
+  /** Holds a lock, until `tx` ends, that serializes ingestion runs across replicas (PostgreSQL; SQLite has one writer). */
+  serializeIngestion(tx: Tx): Promise<void>;
+
+  /** Closes readers, the group-commit queue and the ORM. */
+  close(force?: boolean): Promise<void>;
+}
+
+export interface OpenDatabaseOptions {
+  /**
+   * Apply pending migrations (default true). Tools that inspect a database
+   * they do not own (the invariant checker) pass false and check the schema;
+   * then a missing PostgreSQL database is not created either.
+   */
+  migrate?: boolean;
+}
+
+/** pg_advisory_xact_lock key that serializes ingestion runs across replicas. */
+const INGESTION_LOCK_KEY = 72010001;
+
+class SqlDatabase implements Database {
+  readonly dialect: Dialect;
+  readonly em: EntityManager;
+  private readonly groups: GroupCommit | null;
+
+  constructor(private readonly engine: Engine) {
+    this.dialect = engine.dialect;
+    this.em = engine.em;
+    // PostgreSQL has real row locks and many connections: each write is its own transaction there.
+    this.groups = engine.dialect === 'sqlite' ? new GroupCommit((work) => this.transaction(work)) : null;
+  }
+
+  fork(): EntityManager {
+    return this.em.fork();
+  }
+
+  async transaction<T>(work: (tx: Tx) => Promise<T>, opts: TransactionOptions = {}): Promise<T> {
+    opts.signal?.throwIfAborted();
+    return this.em.fork().transactional(async (em) => {
+      const statements = await this.engine.statementsOf(em);
+      try {
+        return await work(txOf(em, statements));
+      } finally {
+        await statements.release();
+      }
+    });
+  }
+
+  groupWrite<T>(work: (tx: Tx) => Promise<T>, opts: TransactionOptions = {}): Promise<T> {
+    if (!this.groups) return this.transaction(work, opts);
+    return this.groups.submit(work, opts.signal);
+  }
+
+  read<T>(sql: string, params: unknown[]): Promise<T[]> {
+    return this.engine.read<T>(sql, params);
+  }
+
+  forUpdate(): string {
+    return this.dialect === 'postgresql' ? ' for update' : '';
+  }
+
+  forUpdateSkipLocked(): string {
+    return this.dialect === 'postgresql' ? ' for update skip locked' : '';
+  }
+
+  forShare(alias?: string): string {
+    return this.dialect === 'postgresql' ? ` for share${alias ? ` of ${alias}` : ''}` : '';
+  }
+
+  async allocateIds(tx: Tx, table: string, n: number): Promise<number[]> {
+    if (n === 0) return [];
+    if (this.dialect === 'postgresql') {
+      const rows = await tx.all<{ id: number | string }>(
+        `select nextval(pg_get_serial_sequence('${table}', 'id')) as id from generate_series(1, ?)`,
+        [n],
+      );
+      return rows.map((r) => Number(r.id));
+    }
+    const [{ m, s }] = await tx.all<{ m: number | string | null; s: number | string | null }>(
+      `select (select max(id) from ${table}) as m, (select seq from sqlite_sequence where name = '${table}') as s`,
+      [],
+    );
+    // Past the largest id ever used (AUTOINCREMENT never reuses one); inserting them moves sqlite_sequence on.
+    const first = Math.max(Number(m ?? 0), Number(s ?? 0)) + 1;
+    return Array.from({ length: n }, (_, i) => first + i);
+  }
+
+  async serializeIngestion(tx: Tx): Promise<void> {
+    if (this.dialect === 'postgresql') await tx.all('select pg_advisory_xact_lock(?)', [INGESTION_LOCK_KEY]);
+  }
+
+  async close(force?: boolean): Promise<void> {
+    await this.groups?.close();
+    await this.engine.close(force);
+  }
+}
+
+function txOf(em: EntityManager, statements: Statements): Tx {
+  return {
+    em,
+    run: (sql, params, opts) => statements.run(sql, params, opts?.keep ?? false),
+    all: <T>(sql: string, params: unknown[], opts?: StatementOptions) => statements.all<T>(sql, params, opts?.keep ?? false),
+  };
+}
+
+/** Connects (and migrates, unless told not to) the configured database. */
+export async function openDatabase(config: DatabaseConfig, log: Logger, opts: OpenDatabaseOptions = {}): Promise<Database> {
+  return new SqlDatabase(await openEngine(config, log, opts));
+}

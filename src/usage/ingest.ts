@@ -1,0 +1,409 @@
+/**
+ * Usage ingestion, the conductor of the path one entry takes:
+ * the file (./parser.ts) -> validation and identity (./entries.ts) -> its
+ * usage row (./usage-logs.repository.ts) -> its user's record of this run
+ * (../billing/records.repository.ts) -> the charge (../billing/charging.ts)
+ * -> the ledger row (../wallets/ledger.repository.ts).
+ *
+ * The file is streamed in batches inside one transaction, so memory stays
+ * flat, a malformed JSON array bills nothing, and a crash leaves either the
+ * whole run or none of it. Each usage row is written once, in its final
+ * state: per batch the entries are validated and given their identity, the
+ * identities already stored are looked up (which also gives the occurrence
+ * numbers, see `keyed`), and the new rows are inserted BILLED (with the id of
+ * their user's record of this run), PENDING with the reason, or REJECTED. The
+ * records' amounts and line items are written at the end from the totals kept
+ * in memory. The inserts run while the next batch is parsed.
+ */
+import type { Logger } from 'pino';
+import type { BillingService } from '../billing/billing.service';
+import type { BillingRecordsRepository, UsageRecordDraft } from '../billing/records.repository';
+import type { Database, Tx } from '../db/database';
+import type { Clock } from '../shared/clock';
+import { formatDecimal, INT64_MAX, lineAmount, QUANTITY_SCALE } from '../shared/money';
+import type { LedgerRepository } from '../wallets/ledger.repository';
+import { rejectedIdentity, usageIdentity, validateEntry, type IdentityKind } from './entries';
+import { digestBits, OccurrenceTable } from './occurrence-table';
+import { readUsageFile, UsageFileError, UsageSourceError, type RawEntry } from './parser';
+import type { UsageLogsRepository, UsageRowDraft } from './usage-logs.repository';
+
+/** What a run counted (a job run records these), plus a reported, non-fatal problem (e.g. the file is missing). */
+export interface IngestCounts {
+  entriesRead: number;
+  entriesAccepted: number;
+  entriesDuplicate: number;
+  entriesRejected: number;
+  entriesPending: number;
+  billingRecordsCreated: number;
+  chargesSucceeded: number;
+  retriesScheduled: number;
+  recordsFailed: number;
+  usersSuspended: number;
+  notice: string;
+}
+
+export interface IngestService {
+  /** Ingests the file and bills what is billable; throws when the file is unusable (nothing is written then). */
+  ingest(jobRunId: number): Promise<IngestCounts>;
+}
+
+export interface IngestDeps {
+  db: Database;
+  clock: Clock;
+  log: Logger;
+  pricing: ReadonlyMap<string, bigint>;
+  logFilePath: string;
+  /** Longest that opening the usage file or one read of it may take (USAGE_READ_TIMEOUT_MS). */
+  readTimeoutMs: number;
+  maxFutureSkewMs: number;
+  usageLogs: UsageLogsRepository;
+  records: BillingRecordsRepository;
+  ledger: LedgerRepository;
+  billing: Pick<BillingService, 'chargeNewRecords'>;
+}
+
+/** The file cannot be used: nothing of it was billed. */
+export class UsageFileUnusable extends Error {
+  override readonly name = 'UsageFileUnusable';
+}
+
+/**
+ * Why a billable entry waits: billing it in this run would take its line's
+ * quantity or amount, or its record's amount, past the largest 64-bit value
+ * the database holds exactly. A later run bills it (with a record of its own).
+ */
+export const OVER_RECORD_LIMIT = 'OVER_RECORD_LIMIT';
+
+/** Entries per batch read from the file (and per identity look-up). */
+const BATCH_ENTRIES = 500;
+/** Earlier PENDING entries read per statement. */
+const PENDING_PAGE = 5000;
+
+type UserState = 'live' | 'deleted' | 'unknown';
+
+/** One user's usage billed by this run: per service the total quantity, its priced amount and the entry count. */
+type UserTotals = Map<string, { quantity: bigint; amount: bigint; n: number }>;
+
+interface Candidate {
+  kind: IdentityKind;
+  /** entries.ts's hash (or the producer id for kind 'e'). */
+  identity: string;
+  /** The dedup key, once the occurrence number is known. */
+  key: string;
+  /** null: rejected. */
+  userId: number | null;
+  service: string;
+  quantity: string;
+  usageAt: number | null;
+  reason: string;
+  quantityScaled: bigint;
+}
+
+export function createIngestService(deps: IngestDeps): IngestService {
+  const { db, clock, log, pricing, usageLogs, records, ledger } = deps;
+  const pricedServices = [...pricing.keys()];
+
+  /** One run inside its transaction. */
+  function createRun(tx: Tx, jobRunId: number, now: Date) {
+    let occurrences = new OccurrenceTable();
+    const users = new Map<number, UserState>();
+    /** user -> its record of this run, in the order records are allocated. */
+    const recordOf = new Map<number, number>();
+    const totals = new Map<number, UserTotals>();
+    /** Each user's record amount so far: the sum of its lines' amounts. */
+    const recordAmount = new Map<number, bigint>();
+    /** PENDING usage of earlier runs that this run bills: user -> the ids of those entries. */
+    const earlier = new Map<number, number[]>();
+    let accepted = 0;
+    let rejected = 0;
+
+    // The inserts run one after another on the connection while JavaScript reads the next batch.
+    let tail: Promise<void> = Promise.resolve();
+    let failure: unknown;
+    const enqueue = (work: () => Promise<void>) => {
+      tail = tail.then(work).catch((err: unknown) => {
+        failure ??= err;
+      });
+    };
+    const drain = async () => {
+      await tail;
+      if (failure) throw failure;
+    };
+
+    /**
+     * Adds a billable entry to its user's line for the service, unless that
+     * would take the line's quantity or amount, or the record's amount, past
+     * INT64_MAX (then it changes nothing and returns false: the entry waits
+     * with OVER_RECORD_LIMIT). Amounts are exact: the line is priced again
+     * from its whole quantity, rounded once.
+     */
+    function add(userId: number, service: string, quantity: bigint): boolean {
+      const line = totals.get(userId)?.get(service);
+      const newQuantity = (line?.quantity ?? 0n) + quantity;
+      if (newQuantity > INT64_MAX) return false;
+      const newAmount = lineAmount(newQuantity, pricing.get(service)!);
+      const newRecordAmount = (recordAmount.get(userId) ?? 0n) - (line?.amount ?? 0n) + newAmount;
+      if (newAmount > INT64_MAX || newRecordAmount > INT64_MAX) return false;
+      let t = totals.get(userId);
+      if (!t) totals.set(userId, (t = new Map()));
+      if (line) {
+        line.quantity = newQuantity;
+        line.amount = newAmount;
+        line.n++;
+      } else {
+        t.set(service, { quantity: newQuantity, amount: newAmount, n: 1 });
+      }
+      recordAmount.set(userId, newRecordAmount);
+      return true;
+    }
+
+    async function reserveRecords(userIds: number[]): Promise<void> {
+      if (userIds.length === 0) return;
+      // The record exists before its usage rows point at it (foreign key); finish() writes its amount and lines.
+      for (const [userId, recordId] of await records.reserveUsageRecords(tx, userIds, jobRunId, now)) recordOf.set(userId, recordId);
+    }
+
+    async function lookUpUsers(ids: number[]): Promise<void> {
+      const unknown = [...new Set(ids)].filter((id) => !users.has(id));
+      if (unknown.length === 0) return;
+      // Open wallets are held open until the run commits, so none of these users can be deleted meanwhile.
+      const states = await ledger.holdOpenMany(tx, unknown);
+      for (const id of unknown) {
+        const state = states.get(id);
+        users.set(id, state === undefined ? 'unknown' : state === 'open' ? 'live' : 'deleted');
+      }
+    }
+
+    function candidate(entry: RawEntry): Candidate {
+      const v = validateEntry(entry, now, deps.maxFutureSkewMs);
+      if (v.ok) {
+        const u = v.usage;
+        const { kind, identity } = usageIdentity(u);
+        return { kind, identity, key: '', userId: u.userId, service: u.service, quantity: u.quantity.toString(), usageAt: u.timestamp.getTime(), reason: '', quantityScaled: u.quantity };
+      }
+      const { kind, identity } = rejectedIdentity(entry.raw);
+      return { kind, identity, key: '', userId: null, service: '', quantity: '0', usageAt: null, reason: v.reason, quantityScaled: 0n };
+    }
+
+    /**
+     * Gives each candidate its key (entries.ts) and drops the ones already
+     * stored. The occurrence number needs memory only for identities that were
+     * seen before: an entry whose first key (`c:<hash>:1`) is not stored, and
+     * that did not occur earlier in this batch, is the first occurrence in the
+     * file (an earlier one would have stored or found that key). Other
+     * occurrences are counted in `occurrences`, so n = (earlier occurrences
+     * counted there) + 1, plus 1 more when this run stored the first one.
+     */
+    async function keyed(found: Candidate[]): Promise<Candidate[]> {
+      const first = await usageLogs.storedKeys(
+        tx,
+        found.map((c) => (c.kind === 'e' ? `e:${c.identity}` : `${c.kind}:${c.identity}:1`)),
+      );
+      /** identity -> did this run store its first occurrence (c:<hash>:1)? Per batch. */
+      const seenHere = new Map<string, boolean>();
+      const out: Candidate[] = [];
+      const later: Candidate[] = [];
+      for (const c of found) {
+        const id = c.kind + c.identity;
+        if (c.kind === 'e') {
+          // A producer id stored before, or earlier in this batch, is the same usage.
+          if (first.has(`e:${c.identity}`) || seenHere.has(id)) continue;
+          seenHere.set(id, true);
+          c.key = `e:${c.identity}`;
+          out.push(c);
+          continue;
+        }
+        let storedFirstHere = seenHere.get(id);
+        if (storedFirstHere === undefined) {
+          const run = first.get(`${c.kind}:${c.identity}:1`);
+          if (run === undefined) {
+            seenHere.set(id, true);
+            c.key = `${c.kind}:${c.identity}:1`;
+            out.push(c);
+            continue;
+          }
+          storedFirstHere = run === jobRunId;
+          seenHere.set(id, storedFirstHere);
+        }
+        const { bytes, extra } = digestBits(c.identity);
+        const n = occurrences.next(c.kind, bytes, extra) + (storedFirstHere ? 1 : 0);
+        c.key = `${c.kind}:${c.identity}:${n}`;
+        if (n === 1) continue; // its first key is stored by an earlier run: a duplicate
+        later.push(c);
+      }
+      if (later.length === 0) return out;
+      const stored = await usageLogs.storedKeys(
+        tx,
+        later.map((c) => c.key),
+      );
+      for (const c of later) if (!stored.has(c.key)) out.push(c);
+      // Back to file order (the ids of usage rows follow it).
+      const keep = new Set(out);
+      return found.filter((c) => keep.has(c));
+    }
+
+    return {
+      /** PENDING usage of earlier runs that is billable now joins this run's records. */
+      async start(): Promise<void> {
+        // Entry by entry, oldest first (no SQL sum: it could overflow), each within the record limit.
+        for (let afterId = 0; ; ) {
+          const page = await usageLogs.billablePending(tx, pricedServices, afterId, PENDING_PAGE);
+          if (page.length === 0) break;
+          for (const u of page) {
+            if (!add(u.userId, u.service, u.quantity)) continue;
+            let ids = earlier.get(u.userId);
+            if (!ids) earlier.set(u.userId, (ids = []));
+            ids.push(u.id);
+          }
+          afterId = page[page.length - 1].id;
+        }
+        await reserveRecords([...earlier.keys()]);
+      },
+
+      async batch(entries: RawEntry[]): Promise<void> {
+        const found = entries.map(candidate);
+        if (found.length === 0) return;
+        // Everything queued so far is written; now ask which identities are stored already.
+        await drain();
+        const fresh = await keyed(found);
+        await lookUpUsers(fresh.flatMap((c) => (c.userId === null ? [] : [c.userId])));
+        // Decide each entry first (billed now, or why not), so that records are made only for users billed now.
+        const reasons: string[] = [];
+        const newUsers = new Set<number>();
+        for (const c of fresh) {
+          if (c.userId === null) {
+            reasons.push(c.reason);
+            continue;
+          }
+          const state = users.get(c.userId);
+          if (state === 'unknown') reasons.push('UNKNOWN_USER');
+          else if (state === 'deleted') reasons.push('USER_DELETED');
+          else if (!pricing.has(c.service)) reasons.push('NO_PRICE');
+          else if (!add(c.userId, c.service, c.quantityScaled)) reasons.push(OVER_RECORD_LIMIT);
+          else {
+            reasons.push('');
+            if (!recordOf.has(c.userId)) newUsers.add(c.userId);
+          }
+        }
+        await reserveRecords([...newUsers]);
+        const at = now.getTime();
+        const rows: UsageRowDraft[] = fresh.map((c, i) => {
+          if (c.userId === null) rejected++;
+          else accepted++;
+          const status = c.userId === null ? 'REJECTED' : reasons[i] === '' ? 'BILLED' : 'PENDING';
+          return {
+            dedupKey: c.key,
+            userId: c.userId,
+            service: c.service,
+            quantity: c.quantity,
+            usageAt: c.usageAt,
+            status,
+            reason: reasons[i],
+            billingRecordId: status === 'BILLED' ? recordOf.get(c.userId!)! : null,
+            jobRunId,
+            ingestedAt: at,
+          };
+        });
+        enqueue(() => usageLogs.insert(tx, rows));
+      },
+
+      /** Writes the records and their lines, links earlier PENDING usage; returns the record ids. */
+      async finish(): Promise<{ ids: number[]; accepted: number; rejected: number }> {
+        await drain();
+        // The file is read: the occurrence table (the largest allocation of a run) can go.
+        occurrences = new OccurrenceTable(0);
+        const drafts: UsageRecordDraft[] = [];
+        for (const [userId, recordId] of recordOf) {
+          const lines = [...totals.get(userId)!.entries()]
+            .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+            .map(([service, l]) => ({ service, quantity: l.quantity, unitPrice: pricing.get(service)!, amount: l.amount }));
+          const description = `Usage: ${lines.map((l) => `${formatDecimal(l.quantity, QUANTITY_SCALE)} ${l.service}`).join(', ')} (job run ${jobRunId})`;
+          drafts.push({ id: recordId, amount: recordAmount.get(userId)!, description, lines });
+        }
+        await records.completeUsageRecords(tx, drafts);
+        for (const [userId, ids] of earlier) {
+          const linked = await usageLogs.linkToRecord(tx, userId, recordOf.get(userId)!, ids);
+          // Another writer billed some of these entries first: undo the whole run rather than bill twice.
+          if (linked !== ids.length) throw new Error(`usage of user ${userId} changed while billing; run aborted`);
+        }
+        return { ids: drafts.map((d) => d.id).sort((a, b) => a - b), accepted, rejected };
+      },
+
+      /** Stops the queued inserts from reporting (the transaction is rolling back). */
+      async abandon(): Promise<void> {
+        await tail;
+      },
+    };
+  }
+
+  return {
+    async ingest(jobRunId) {
+      const counts: IngestCounts = {
+        entriesRead: 0,
+        entriesAccepted: 0,
+        entriesDuplicate: 0,
+        entriesRejected: 0,
+        entriesPending: 0,
+        billingRecordsCreated: 0,
+        chargesSucceeded: 0,
+        retriesScheduled: 0,
+        recordsFailed: 0,
+        usersSuspended: 0,
+        notice: '',
+      };
+      const unusable = (why: string) => new UsageFileUnusable(`usage log file ${deps.logFilePath} is unusable, nothing was billed: ${why}`);
+      // Open the file, check it is a regular file and read its first batch before the write transaction starts:
+      // a FIFO, a hung mount or a missing file never holds the database's writer.
+      const batches = readUsageFile(deps.logFilePath, { batchSize: BATCH_ENTRIES, readTimeoutMs: deps.readTimeoutMs });
+      let first: IteratorResult<RawEntry[], unknown>;
+      try {
+        first = await batches.next();
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+          log.warn({ path: deps.logFilePath }, 'usage log file not found; nothing to ingest');
+          first = { done: true, value: undefined };
+          counts.notice = `usage log file not found: ${deps.logFilePath} (no data)`;
+        } else if (err instanceof UsageFileError || err instanceof UsageSourceError) {
+          throw unusable(err.message);
+        } else {
+          throw err;
+        }
+      }
+      let recordIds: number[];
+      try {
+        recordIds = await db.transaction(async (tx) => {
+          // One ingestion at a time across replicas (PostgreSQL; SQLite has a single writer anyway).
+          await db.serializeIngestion(tx);
+          const run = createRun(tx, jobRunId, clock.now());
+          try {
+            await run.start();
+            try {
+              for (let next = first; !next.done; next = await batches.next()) {
+                counts.entriesRead += next.value.length;
+                await run.batch(next.value);
+              }
+            } catch (err) {
+              if (err instanceof UsageFileError || err instanceof UsageSourceError) throw unusable(err.message);
+              throw err;
+            }
+            const done = await run.finish();
+            counts.entriesAccepted = done.accepted;
+            counts.entriesRejected = done.rejected;
+            counts.entriesDuplicate = counts.entriesRead - done.accepted - done.rejected;
+            counts.entriesPending = await usageLogs.explainPending(tx, jobRunId, pricedServices, OVER_RECORD_LIMIT);
+            return done.ids;
+          } catch (err) {
+            await run.abandon();
+            throw err;
+          }
+        });
+      } finally {
+        await batches.return('empty'); // closes the file if the run stopped before its end (the value is unused)
+      }
+      counts.billingRecordsCreated = recordIds.length;
+      const charged = await deps.billing.chargeNewRecords(recordIds);
+      Object.assign(counts, charged);
+      return counts;
+    },
+  };
+}

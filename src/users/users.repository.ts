@@ -1,0 +1,123 @@
+/**
+ * The door of the `users` table: every write to it goes through a named
+ * method here (creating, profile changes, suspension and reactivation by hand
+ * or for non-payment, deletion). Reads of one user go through the unit of work
+ * (MikroORM), lists page by id.
+ */
+import type { EntityManager } from '@mikro-orm/knex';
+import type { Database, Tx } from '../db/database';
+import { notFound } from '../shared/errors';
+import { pageOf, type Page } from '../shared/paging';
+import { User, type UserStatus } from './user.entity';
+
+export interface UsersRepository {
+  /** A user that is not deleted, or NOT_FOUND/USER_NOT_FOUND. */
+  getLive(em: EntityManager, id: number): Promise<User>;
+  /** The id of the live user holding `email`, if any. */
+  liveIdByEmail(em: EntityManager, email: string): Promise<number | null>;
+  list(em: EntityManager, page: Page, status: UserStatus | null): Promise<{ items: User[]; nextPageToken: string }>;
+  /** Inserts a new ACTIVE user. */
+  create(tx: Tx, email: string, name: string, now: Date): Promise<User>;
+  /** Writes the changed email/name of a user loaded in `tx`'s unit of work. */
+  saveProfile(tx: Tx, user: User, changes: { email?: string; name?: string }, now: Date): Promise<void>;
+  /** Suspends by hand (an operator's reason); settlement never lifts it. */
+  suspend(tx: Tx, user: User, reason: string, now: Date): Promise<void>;
+  /** Reactivates by hand, whatever the suspension was for. */
+  activate(tx: Tx, user: User, now: Date): Promise<void>;
+  /** Marks the user deleted (the caller closed the wallet and checked nothing is unpaid). */
+  markDeleted(tx: Tx, user: User, now: Date): Promise<void>;
+  /** Suspends an ACTIVE user for non-payment; true when this call suspended them. */
+  suspendForNonPayment(tx: Tx, userId: number, reason: string, now: Date): Promise<boolean>;
+  /** Reactivates those of `userIds` suspended for non-payment that have no unpaid record left. */
+  reactivateIfSettled(tx: Tx, userIds: readonly number[], now: Date): Promise<void>;
+  /** True when the user is suspended for non-payment (a committed read). */
+  isSuspendedForNonPayment(userId: number): Promise<boolean>;
+}
+
+export function createUsersRepository(db: Database): UsersRepository {
+  return {
+    async getLive(em, id) {
+      const user = await em.findOne(User, { id, deletedAt: null });
+      if (!user) throw notFound('USER_NOT_FOUND', `user ${id} not found`);
+      return user;
+    },
+
+    async liveIdByEmail(em, email) {
+      const other = await em.findOne(User, { email, deletedAt: null }, { fields: ['id'] });
+      return other ? other.id : null;
+    },
+
+    async list(em, page, status) {
+      const rows = await em.find(
+        User,
+        { id: { $gt: page.afterId }, deletedAt: null, ...(status ? { status } : {}) },
+        { orderBy: { id: 'asc' }, limit: page.limit },
+      );
+      return pageOf(rows, page);
+    },
+
+    async create(tx, email, name, now) {
+      const user = new User(email, name, now);
+      await tx.em.persistAndFlush(user);
+      return user;
+    },
+
+    async saveProfile(tx, user, changes, now) {
+      if (changes.email !== undefined) user.email = changes.email;
+      if (changes.name !== undefined) user.name = changes.name;
+      user.updatedAt = now;
+      await tx.em.flush();
+    },
+
+    async suspend(tx, user, reason, now) {
+      user.status = 'SUSPENDED';
+      user.suspensionReason = reason;
+      user.suspendedForNonPayment = false;
+      user.updatedAt = now;
+      await tx.em.flush();
+    },
+
+    async activate(tx, user, now) {
+      user.status = 'ACTIVE';
+      user.suspensionReason = '';
+      user.suspendedForNonPayment = false;
+      user.updatedAt = now;
+      await tx.em.flush();
+    },
+
+    async markDeleted(tx, user, now) {
+      user.deletedAt = now;
+      user.updatedAt = now;
+      await tx.em.flush();
+    },
+
+    async suspendForNonPayment(tx, userId, reason, now) {
+      const changed = await tx.run(
+        `update users set status = 'SUSPENDED', suspension_reason = ?, suspended_for_non_payment = ?, updated_at = ?
+         where id = ? and status = 'ACTIVE'`,
+        [reason, true, now.getTime(), userId],
+      );
+      return changed === 1;
+    },
+
+    async reactivateIfSettled(tx, userIds, now) {
+      for (let i = 0; i < userIds.length; i += 500) {
+        const part = userIds.slice(i, i + 500);
+        await tx.run(
+          `update users set status = 'ACTIVE', suspension_reason = '', suspended_for_non_payment = ?, updated_at = ?
+           where id in (${part.map(() => '?').join(', ')}) and status = 'SUSPENDED' and suspended_for_non_payment = ?
+             and not exists (select 1 from billing_records b where b.user_id = users.id and b.status <> 'PAID')`,
+          [false, now.getTime(), ...part, true],
+        );
+      }
+    },
+
+    async isSuspendedForNonPayment(userId) {
+      const rows = await db.read<{ id: number }>(
+        `select id from users where id = ? and status = 'SUSPENDED' and suspended_for_non_payment = ?`,
+        [userId, true],
+      );
+      return rows.length > 0;
+    },
+  };
+}
