@@ -5,7 +5,6 @@
  * guarded by the status and attempt count they were read with, so a record
  * that another charger moved first is never moved twice (StaleRecord).
  */
-import type { EntityDictionary } from '@mikro-orm/core';
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Database, Tx } from '../db/database';
 import { epochMs, int64 } from '../db/types';
@@ -97,6 +96,58 @@ export interface BillingRecordsRepository {
 }
 
 
+type RecordRow = {
+  id: number | string;
+  user_id: number | string;
+  kind: BillingRecord['kind'];
+  amount: string;
+  status: BillingRecordStatus;
+  description: string;
+  attempt_count: number | string;
+  next_attempt_at: number | string | null;
+  failure_reason: string;
+  job_run_id: number | string | null;
+  created_at: number | string;
+  updated_at: number | string;
+  paid_at: number | string | null;
+};
+
+type LineRow = { id: number | string; billing_record_id: number | string; service: string; quantity: string; unit_price: string; amount: string };
+
+/**
+ * A record read on a reader connection (the hot read of GetBillingRecord and
+ * ProcessBillingRecord), as the ORM would load it: 64-bit columns come as text,
+ * instants as epoch ms.
+ */
+function toRecord(r: RecordRow): BillingRecord {
+  return Object.assign(new BillingRecord(), {
+    id: Number(r.id),
+    userId: Number(r.user_id),
+    kind: r.kind,
+    amount: int64(r.amount),
+    status: r.status,
+    description: r.description,
+    attemptCount: Number(r.attempt_count),
+    nextAttemptAt: r.next_attempt_at === null ? null : epochMs(r.next_attempt_at),
+    failureReason: r.failure_reason,
+    jobRunId: r.job_run_id === null ? null : Number(r.job_run_id),
+    createdAt: epochMs(r.created_at),
+    updatedAt: epochMs(r.updated_at),
+    paidAt: r.paid_at === null ? null : epochMs(r.paid_at),
+  });
+}
+
+function toLineItem(l: LineRow): LineItem {
+  return Object.assign(new LineItem(), {
+    id: Number(l.id),
+    billingRecordId: Number(l.billing_record_id),
+    service: l.service,
+    quantity: int64(l.quantity),
+    unitPrice: int64(l.unit_price),
+    amount: int64(l.amount),
+  });
+}
+
 /** Rows per set-based statement (at most 5 parameters a row). */
 const SET_ROWS = 1000;
 
@@ -181,25 +232,20 @@ export function createBillingRecordsRepository(db: Database): BillingRecordsRepo
     },
 
     async view(id) {
-      const rows = await db.read<Record<string, unknown>>(
+      const rows = await db.read<RecordRow>(
         `select id, user_id, kind, cast(amount as text) as amount, status, description, attempt_count, next_attempt_at,
                 failure_reason, job_run_id, created_at, updated_at, paid_at
          from billing_records where id = ?`,
         [id],
       );
       if (rows.length === 0) throw notFound('BILLING_RECORD_NOT_FOUND', `billing record ${id} not found`);
-      const lines = await db.read<Record<string, unknown>>(
+      const lines = await db.read<LineRow>(
         `select id, billing_record_id, service, cast(quantity as text) as quantity, cast(unit_price as text) as unit_price,
                 cast(amount as text) as amount
          from line_items where billing_record_id = ? order by id`,
         [id],
       );
-      // The ORM maps the rows (column names, 64-bit text, epoch ms) as it maps its own reads.
-      const em = db.fork();
-      return {
-        record: em.map(BillingRecord, rows[0] as EntityDictionary<BillingRecord>),
-        lineItems: lines.map((l) => em.map(LineItem, l as EntityDictionary<LineItem>)),
-      };
+      return { record: toRecord(rows[0]), lineItems: lines.map(toLineItem) };
     },
 
     async list(em, filter, page) {
