@@ -24,8 +24,8 @@ export type Dialect = DatabaseConfig['kind'];
 export interface StatementOptions {
   /**
    * Keep the statement prepared on its connection for later calls (the few
-   * fixed statements of hot paths). Without it a statement is prepared, run
-   * and released: right for SQL whose text varies (lists of placeholders).
+   * fixed statements of hot paths). Without it a statement is prepared for
+   * one use: right for SQL whose text varies (lists of placeholders).
    */
   keep?: boolean;
 }
@@ -118,14 +118,7 @@ class SqlDatabase implements Database {
 
   async transaction<T>(work: (tx: Tx) => Promise<T>, opts: TransactionOptions = {}): Promise<T> {
     opts.signal?.throwIfAborted();
-    return this.em.fork().transactional(async (em) => {
-      const statements = await this.engine.statementsOf(em);
-      try {
-        return await work(txOf(em, statements));
-      } finally {
-        await statements.release();
-      }
-    });
+    return this.em.fork().transactional(async (em) => work(txOf(em, await this.engine.statementsOf(em))));
   }
 
   groupWrite<T>(work: (tx: Tx) => Promise<T>, opts: TransactionOptions = {}): Promise<T> {

@@ -3,7 +3,7 @@
  * connected, configured and migrated, with their raw connections. Only
  * database.ts uses this; everything it returns belongs to one Engine object.
  */
-import { MikroORM as SqliteORM, defineConfig as defineSqlite } from '@mikro-orm/sqlite';
+import { MikroORM as SqliteORM, defineConfig as defineSqlite } from '@mikro-orm/better-sqlite';
 import type { EntityManager } from '@mikro-orm/knex';
 import { Migrator } from '@mikro-orm/migrations';
 import { Client as PgClient, types as pgTypes } from 'pg';
@@ -24,10 +24,20 @@ export interface Engine {
   close(force?: boolean): Promise<void>;
 }
 
+/**
+ * How long a write transaction waits for SQLite's write lock while another
+ * process holds it. better-sqlite3 runs on the event loop, so SQLite's own
+ * busy handler would block the whole service while it waits; instead a write
+ * transaction begins with BEGIN IMMEDIATE and retries it with short sleeps
+ * (see beginImmediate), and statements wait at most SQLITE_BUSY_STALL_MS.
+ */
+const SQLITE_LOCK_WAIT_MS = 5000;
+const SQLITE_BUSY_STALL_MS = 20;
+
 /** Applied to every SQLite connection (exported so the benchmark's raw-driver floors use the same settings). */
 export const SQLITE_PRAGMAS = [
   'pragma journal_mode = wal',
-  'pragma busy_timeout = 5000',
+  `pragma busy_timeout = ${SQLITE_BUSY_STALL_MS}`,
   'pragma foreign_keys = on',
   'pragma synchronous = full',
   // 24 MiB of page cache (default 2 MiB): more of the random-key indexes of a large ingestion stay in memory
@@ -37,7 +47,7 @@ export const SQLITE_PRAGMAS = [
 
 /** Read-only connections beside the one writer (SQLite runs readers in parallel with its writer). */
 const SQLITE_READERS = 2;
-const SQLITE_READER_PRAGMAS = ['pragma busy_timeout = 5000', 'pragma query_only = on'].join('; ');
+const SQLITE_READER_PRAGMAS = [`pragma busy_timeout = ${SQLITE_BUSY_STALL_MS}`, 'pragma query_only = on'].join('; ');
 
 const PG_INT8_OID = 20;
 /** pg_advisory_lock key that serializes migrations across replicas. */
@@ -76,14 +86,40 @@ interface KnexClient {
   releaseConnection(conn: unknown): unknown;
 }
 
+/** What the engine uses of a better-sqlite3 connection. */
 type SqliteRaw = SqliteConnection & {
-  exec(sql: string, cb: (err: Error | null) => void): void;
-  close(cb: (err: Error | null) => void): void;
+  exec(sql: string): void;
+  close(): void;
 };
 
-interface SqliteDriver {
-  OPEN_READONLY: number;
-  Database: new (file: string, mode: number, cb: (err: Error | null) => void) => SqliteRaw;
+/** The better-sqlite3 module knex loaded (the engine opens its readers with the same one). */
+type SqliteDriver = new (file: string, options: { readonly?: boolean; fileMustExist?: boolean }) => SqliteRaw;
+
+interface KnexTransaction {
+  begin(conn: unknown): Promise<unknown>;
+}
+
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+/**
+ * Starts a write transaction holding the write lock from its first statement
+ * on (BEGIN IMMEDIATE), so no later statement of it can meet SQLITE_BUSY.
+ * While another process holds the lock, it tries again with short sleeps, the
+ * event loop free, for up to SQLITE_LOCK_WAIT_MS; then SQLITE_BUSY goes up
+ * (UNAVAILABLE to a caller). Writers of this process never wait here: they
+ * share the one writer connection, one transaction at a time.
+ */
+async function beginImmediate(conn: SqliteConnection): Promise<void> {
+  const give = Date.now() + SQLITE_LOCK_WAIT_MS;
+  for (let pause = 1; ; pause = Math.min(pause * 2, 50)) {
+    try {
+      conn.prepare('begin immediate').run();
+      return;
+    } catch (err) {
+      if ((err as { code?: string }).code !== 'SQLITE_BUSY' || Date.now() >= give) throw err;
+      await sleep(pause);
+    }
+  }
 }
 
 export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrate?: boolean }): Promise<Engine> {
@@ -116,7 +152,14 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrat
         pool: {
           min: 1,
           max: 1,
-          afterCreate: (conn: SqliteRaw, done: (err: Error | null, conn: unknown) => void) => conn.exec(SQLITE_PRAGMAS, (err) => done(err, conn)),
+          afterCreate: (conn: SqliteRaw, done: (err: Error | null, conn: unknown) => void) => {
+            try {
+              conn.exec(SQLITE_PRAGMAS);
+              done(null, conn);
+            } catch (err) {
+              done(err as Error, conn);
+            }
+          },
         },
       }),
     );
@@ -152,7 +195,10 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrat
     throw err;
   }
   const em = orm.em as unknown as EntityManager;
-  const knexClient = em.getConnection().getKnex().client as KnexClient & { driver: SqliteDriver };
+  const knexClient = em.getConnection().getKnex().client as KnexClient & {
+    driver: SqliteDriver;
+    transaction(...args: unknown[]): KnexTransaction;
+  };
   /** The transaction's own connection (knex's transaction client hands out only that one). */
   const txConnection = (txEm: EntityManager): Promise<unknown> => {
     const trx = txEm.getTransactionContext() as { client: KnexClient } | undefined;
@@ -178,7 +224,16 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrat
     };
   }
 
-  // SQLite: kept statements per connection (the writer and each reader), held here.
+  // SQLite: every top-level transaction takes the write lock at BEGIN, waiting without blocking the event loop
+  // (beginImmediate). knex issues a deferred BEGIN itself; its transaction objects let `begin` be replaced.
+  const makeTransaction = knexClient.transaction.bind(knexClient);
+  knexClient.transaction = (...args: unknown[]) => {
+    const trx = makeTransaction(...args);
+    trx.begin = (conn: unknown) => beginImmediate(conn as SqliteConnection);
+    return trx;
+  };
+
+  // Kept statements per connection (the writer and each reader), held here.
   const kept = new WeakMap<object, Map<string, SqliteStatement>>();
   const keptOn = (conn: object) => {
     let map = kept.get(conn);
@@ -187,14 +242,12 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrat
   };
   const file = db.path;
   const inMemory = file === ':memory:' || file === '';
-  const openReader = () =>
-    new Promise<SqliteRaw>((resolve, reject) => {
-      const conn = new knexClient.driver.Database(file, knexClient.driver.OPEN_READONLY, (err) => {
-        if (err) return reject(err);
-        conn.exec(SQLITE_READER_PRAGMAS, (e) => (e ? reject(e) : resolve(conn)));
-      });
-    });
-  const readers = inMemory ? [] : await Promise.all(Array.from({ length: SQLITE_READERS }, openReader));
+  const openReader = (): SqliteRaw => {
+    const conn = new knexClient.driver(file, { readonly: true, fileMustExist: true });
+    conn.exec(SQLITE_READER_PRAGMAS);
+    return conn;
+  };
+  const readers = inMemory ? [] : Array.from({ length: SQLITE_READERS }, openReader);
   let turn = 0;
   return {
     dialect: 'sqlite',
@@ -216,7 +269,7 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrat
       }
     },
     async close(force) {
-      await Promise.all(readers.map((r) => new Promise<void>((resolve) => r.close(() => resolve()))));
+      for (const reader of readers) reader.close();
       await orm.close(force);
     },
   };

@@ -3,73 +3,48 @@
  * hot paths, where knex's per-parameter cost dominates statements with
  * thousands of parameters. Kept statements stay prepared in a cache that the
  * engine holds for that connection (owned by the database object, never by
- * this module); the others are prepared, run and released.
+ * this module); the others are prepared for one use.
  */
 
 /** Statements on one connection (the transaction's, or a reader). */
 export interface Statements {
   run(sql: string, params: unknown[], keep: boolean): Promise<number>;
   all<T>(sql: string, params: unknown[], keep: boolean): Promise<T[]>;
-  /** Releases what this handle prepared without keeping (nothing is pending after a call returns). */
-  release(): Promise<void>;
 }
 
-// ---- node-sqlite3 -------------------------------------------------------------
+// ---- better-sqlite3 ------------------------------------------------------------
 
+/** What the engine uses of a better-sqlite3 statement and connection. */
 export interface SqliteStatement {
-  run(params: unknown[], cb: (this: { changes: number }, err: Error | null) => void): void;
-  all(params: unknown[], cb: (err: Error | null, rows: unknown[]) => void): void;
-  finalize(cb?: () => void): void;
+  readonly reader: boolean;
+  run(...params: unknown[]): { changes: number };
+  all(...params: unknown[]): unknown[];
 }
 
 export interface SqliteConnection {
-  prepare(sql: string, cb?: (err: Error | null) => void): SqliteStatement;
+  prepare(sql: string): SqliteStatement;
 }
 
-/** Statements on a node-sqlite3 connection; `kept` is that connection's cache of kept statements. */
+/** better-sqlite3 binds numbers, strings, bigints, buffers and null; a boolean is bound as 1 or 0. */
+const bindable = (params: unknown[]): unknown[] => (params.some((p) => typeof p === 'boolean') ? params.map((p) => (typeof p === 'boolean' ? Number(p) : p)) : params);
+
+/**
+ * Statements on a better-sqlite3 connection (synchronous: each call runs to
+ * its end before it returns); `kept` is that connection's cache of kept
+ * statements. A statement that is not kept is simply dropped after use.
+ */
 export function sqliteStatements(db: SqliteConnection, kept: Map<string, SqliteStatement>): Statements {
-  const prepare = (sql: string): Promise<SqliteStatement> =>
-    new Promise((resolve, reject) => {
-      const stmt = db.prepare(sql, (err) => (err ? reject(err) : resolve(stmt)));
-    });
-  const finalize = (stmt: SqliteStatement) => new Promise<void>((resolve) => stmt.finalize(() => resolve()));
-  async function use<T>(sql: string, keep: boolean, fn: (stmt: SqliteStatement) => Promise<T>): Promise<T> {
-    const cached = kept.get(sql);
-    const stmt = cached ?? (await prepare(sql));
-    if (!cached && keep) kept.set(sql, stmt);
-    if (!keep && !cached) {
-      try {
-        return await fn(stmt);
-      } finally {
-        await finalize(stmt);
-      }
+  const statement = (sql: string, keep: boolean): SqliteStatement => {
+    let stmt = kept.get(sql);
+    if (!stmt) {
+      stmt = db.prepare(sql);
+      if (keep) kept.set(sql, stmt);
     }
-    try {
-      return await fn(stmt);
-    } catch (err) {
-      // A statement that failed (SQLITE_BUSY, say) may be left "in progress", which blocks savepoints and
-      // COMMIT on its connection: drop it, and prepare it afresh next time.
-      kept.delete(sql);
-      await finalize(stmt);
-      throw err;
-    }
-  }
+    return stmt;
+  };
   return {
-    run: (sql, params, keep) =>
-      use(
-        sql,
-        keep,
-        (stmt) =>
-          new Promise<number>((resolve, reject) =>
-            stmt.run(params, function (err) {
-              if (err) reject(err);
-              else resolve(this.changes);
-            }),
-          ),
-      ),
-    all: <T>(sql: string, params: unknown[], keep: boolean) =>
-      use(sql, keep, (stmt) => new Promise<T[]>((resolve, reject) => stmt.all(params, (err, rows) => (err ? reject(err) : resolve(rows as T[]))))),
-    release: async () => undefined,
+    run: async (sql, params, keep) => statement(sql, keep).run(...bindable(params)).changes,
+    all: async <T>(sql: string, params: unknown[], keep: boolean) => statement(sql, keep).all(...bindable(params)) as T[],
   };
 }
 
@@ -98,6 +73,5 @@ export function pgStatements(client: PgConnection, names: Map<string, string>): 
   return {
     run: async (sql, params, keep) => (await query(sql, params, keep)).rowCount ?? 0,
     all: async <T>(sql: string, params: unknown[], keep: boolean) => (await query(sql, params, keep)).rows as T[],
-    release: async () => undefined,
   };
 }
