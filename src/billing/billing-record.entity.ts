@@ -18,6 +18,8 @@ export class BillingRecord {
   createdAt!: Date;
   updatedAt!: Date;
   paidAt!: Date | null;
+  /** A usage record its ingestion run is still building: not chargeable, not listed. */
+  staging!: boolean;
 }
 
 /** One service's share of a usage billing record. */
@@ -48,6 +50,7 @@ export const BillingRecordSchema = new EntitySchema<BillingRecord>({
     createdAt: { type: EpochMsType },
     updatedAt: { type: EpochMsType },
     paidAt: { type: EpochMsType, nullable: true },
+    staging: { type: 'boolean' },
   },
 });
 

@@ -4,6 +4,10 @@
  * their line items), and move from status to status only through `apply`,
  * guarded by the status and attempt count they were read with, so a record
  * that another charger moved first is never moved twice (StaleRecord).
+ *
+ * A usage record is reserved `staging` when its run first bills its user, and
+ * sealed (amount, lines, due at once) when the run has read its whole file. A
+ * staging record is invisible: never charged, never listed, NOT_FOUND by id.
  */
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Database, Tx } from '../db/database';
@@ -59,13 +63,15 @@ export interface BillingRecordsRepository {
   /** Inserts a MANUAL record, PENDING and due at once (the scheduler makes its first attempt if nobody else does). */
   createManual(tx: Tx, userId: number, amount: bigint, description: string, now: Date): Promise<number>;
   /**
-   * Inserts one empty USAGE record per user for an ingestion run (amount 0,
-   * PENDING, due at once), so usage rows can point at it before its lines are
-   * known; completeUsageRecords writes its amount and lines.
+   * Inserts one staging USAGE record per user for an ingestion run (amount 0,
+   * PENDING, not due), so usage rows can point at it before its lines are
+   * known; sealUsageRecords writes its amount and lines.
    */
   reserveUsageRecords(tx: Tx, userIds: readonly number[], jobRunId: number, now: Date): Promise<Map<number, number>>;
-  /** Writes the amount, description and line items of records made by reserveUsageRecords. */
-  completeUsageRecords(tx: Tx, records: readonly UsageRecordDraft[]): Promise<void>;
+  /** Writes the amount, description and line items of staging records and makes them due at `now`. */
+  sealUsageRecords(tx: Tx, records: readonly UsageRecordDraft[], now: Date): Promise<void>;
+  /** Deletes the staging records of a run that will never seal them (its usage rows are gone first); returns how many. */
+  discardStaging(tx: Tx, jobRunId: number): Promise<number>;
   /** A record and its lines as committed now, or NOT_FOUND. */
   view(id: number): Promise<RecordView>;
   list(
@@ -110,6 +116,7 @@ type RecordRow = {
   created_at: number | string;
   updated_at: number | string;
   paid_at: number | string | null;
+  staging: number | boolean;
 };
 
 type LineRow = { id: number | string; billing_record_id: number | string; service: string; quantity: string; unit_price: string; amount: string };
@@ -134,6 +141,7 @@ function toRecord(r: RecordRow): BillingRecord {
     createdAt: epochMs(r.created_at),
     updatedAt: epochMs(r.updated_at),
     paidAt: r.paid_at === null ? null : epochMs(r.paid_at),
+    staging: r.staging === true || r.staging === 1,
   });
 }
 
@@ -200,23 +208,25 @@ export function createBillingRecordsRepository(db: Database): BillingRecordsRepo
       for (let i = 0; i < userIds.length; i += 500) {
         const part = userIds.slice(i, i + 500);
         await tx.run(
-          `insert into billing_records (id, user_id, kind, amount, status, description, attempt_count, next_attempt_at, failure_reason, job_run_id, created_at, updated_at)
-           values ${part.map(() => `(?, ?, 'USAGE', 0, 'PENDING', '', 0, ?, '', ?, ?, ?)`).join(', ')}`,
-          part.flatMap((userId) => [recordOf.get(userId), userId, at, jobRunId, at, at]),
+          `insert into billing_records (id, user_id, kind, amount, status, description, attempt_count, next_attempt_at, failure_reason, job_run_id, created_at, updated_at, staging)
+           values ${part.map(() => `(?, ?, 'USAGE', 0, 'PENDING', '', 0, null, '', ?, ?, ?, ?)`).join(', ')}`,
+          part.flatMap((userId) => [recordOf.get(userId), userId, jobRunId, at, at, true]),
         );
       }
       return recordOf;
     },
 
-    async completeUsageRecords(tx, records) {
+    async sealUsageRecords(tx, records, now) {
+      const at = now.getTime();
       for (let i = 0; i < records.length; i += SET_ROWS) {
         const part = records.slice(i, i + SET_ROWS);
+        // Due at once: the run charges them next, and if it dies first the retry scheduler does.
         const changed = await tx.run(
-          `update billing_records set amount = v.amount, description = v.description
+          `update billing_records set amount = v.amount, description = v.description, staging = ?, next_attempt_at = ?, created_at = ?, updated_at = ?
            from (select column1 as id, column2 as amount, column3 as description
                  from (values ${part.map(() => '(cast(? as bigint), cast(? as bigint), ?)').join(', ')}) as t) as v
-           where billing_records.id = v.id`,
-          part.flatMap((r) => [r.id, r.amount.toString(), r.description]),
+           where billing_records.id = v.id and billing_records.staging = ?`,
+          [false, at, at, at, ...part.flatMap((r) => [r.id, r.amount.toString(), r.description]), true],
         );
         if (changed !== part.length) throw new Error('billing records of this run changed while ingesting; run aborted');
       }
@@ -231,12 +241,16 @@ export function createBillingRecordsRepository(db: Database): BillingRecordsRepo
       }
     },
 
+    async discardStaging(tx, jobRunId) {
+      return tx.run('delete from billing_records where job_run_id = ? and staging = ?', [jobRunId, true]);
+    },
+
     async view(id) {
       const rows = await db.read<RecordRow>(
         `select id, user_id, kind, cast(amount as text) as amount, status, description, attempt_count, next_attempt_at,
-                failure_reason, job_run_id, created_at, updated_at, paid_at
-         from billing_records where id = ?`,
-        [id],
+                failure_reason, job_run_id, created_at, updated_at, paid_at, staging
+         from billing_records where id = ? and staging = ?`,
+        [id, false],
       );
       if (rows.length === 0) throw notFound('BILLING_RECORD_NOT_FOUND', `billing record ${id} not found`);
       const lines = await db.read<LineRow>(
@@ -253,6 +267,7 @@ export function createBillingRecordsRepository(db: Database): BillingRecordsRepo
         BillingRecord,
         {
           id: { $gt: page.afterId },
+          staging: false,
           ...(filter.userId !== null ? { userId: filter.userId } : {}),
           ...(filter.status !== null ? { status: filter.status } : {}),
         },
@@ -275,16 +290,19 @@ export function createBillingRecordsRepository(db: Database): BillingRecordsRepo
     },
 
     async unpaidIds(userId) {
-      const rows = await db.read<{ id: number | string }>(`select id from billing_records where user_id = ? and status <> 'PAID' order by id`, [userId]);
+      const rows = await db.read<{ id: number | string }>(
+        `select id from billing_records where user_id = ? and status <> 'PAID' and staging = ? order by id`,
+        [userId, false],
+      );
       return rows.map((r) => Number(r.id));
     },
 
     async readForCharge(tx, ids, due) {
       const rows = await tx.all<Parameters<typeof chargeRow>[0]>(
         `select id, user_id, cast(amount as text) as amount, status, attempt_count, next_attempt_at
-         from billing_records where id in (${placeholders(ids.length)})${due ? ` and status = 'PENDING' and next_attempt_at <= ?` : ''}
+         from billing_records where id in (${placeholders(ids.length)}) and staging = ?${due ? ` and status = 'PENDING' and next_attempt_at <= ?` : ''}
          order by id${due ? db.forUpdateSkipLocked() : db.forUpdate()}`,
-        due ? [...ids, due.getTime()] : [...ids],
+        due ? [...ids, false, due.getTime()] : [...ids, false],
         { keep: ids.length === 1 },
       );
       return rows.map(chargeRow);

@@ -81,8 +81,21 @@ export interface Database {
    * SQLite, past the largest id ever used (this transaction is the only writer).
    */
   allocateIds(tx: Tx, table: string, n: number): Promise<number[]>;
-  /** Holds a lock, until `tx` ends, that serializes ingestion runs across replicas (PostgreSQL; SQLite has one writer). */
-  serializeIngestion(tx: Tx): Promise<void>;
+  /**
+   * Runs `work` while no other work of the same `name` runs: in this process,
+   * and on PostgreSQL in any replica (a session-level advisory lock held on a
+   * connection of its own for the whole of `work`, across its transactions;
+   * released if the process dies).
+   */
+  exclusive<T>(name: 'ingestion', work: () => Promise<T>): Promise<T>;
+  /**
+   * For long work done in a series of short transactions (ingestion): should
+   * the transaction begun at `startedMs` (performance.now()) commit now so
+   * that other writes go in? On SQLite, as soon as another write waits for
+   * the one writer (after a few ms of work, so commits stay few); else after
+   * a long while. On PostgreSQL (row locks) every quarter second.
+   */
+  chunkDue(startedMs: number): boolean;
 
   /** Closes readers, the group-commit queue and the ORM. */
   close(force?: boolean): Promise<void>;
@@ -97,13 +110,20 @@ export interface OpenDatabaseOptions {
   migrate?: boolean;
 }
 
-/** pg_advisory_xact_lock key that serializes ingestion runs across replicas. */
-const INGESTION_LOCK_KEY = 72010001;
+/** pg_advisory_lock keys of `exclusive` work. */
+const EXCLUSIVE_KEYS = { ingestion: 72010001 } as const;
+
+/** chunkDue: least work before letting a waiting writer in, and most without one (SQLite); PostgreSQL's chunk. */
+const CHUNK_MIN_MS = 10;
+const CHUNK_MAX_MS = 5000;
+const PG_CHUNK_MS = 250;
 
 class SqlDatabase implements Database {
   readonly dialect: Dialect;
   readonly em: EntityManager;
   private readonly groups: GroupCommit | null;
+  /** The tail of the work each `exclusive` name runs in this process. */
+  private readonly exclusives = new Map<string, Promise<unknown>>();
 
   constructor(private readonly engine: Engine) {
     this.dialect = engine.dialect;
@@ -160,8 +180,23 @@ class SqlDatabase implements Database {
     return Array.from({ length: n }, (_, i) => first + i);
   }
 
-  async serializeIngestion(tx: Tx): Promise<void> {
-    if (this.dialect === 'postgresql') await tx.all('select pg_advisory_xact_lock(?)', [INGESTION_LOCK_KEY]);
+  exclusive<T>(name: 'ingestion', work: () => Promise<T>): Promise<T> {
+    const before = this.exclusives.get(name) ?? Promise.resolve();
+    const run = before.then(
+      () => this.engine.withSessionLock(EXCLUSIVE_KEYS[name], work),
+      () => this.engine.withSessionLock(EXCLUSIVE_KEYS[name], work),
+    );
+    this.exclusives.set(
+      name,
+      run.catch(() => undefined),
+    );
+    return run;
+  }
+
+  chunkDue(startedMs: number): boolean {
+    const elapsed = performance.now() - startedMs;
+    if (this.dialect === 'postgresql') return elapsed >= PG_CHUNK_MS;
+    return elapsed >= CHUNK_MAX_MS || (elapsed >= CHUNK_MIN_MS && this.engine.writersWaiting());
   }
 
   async close(force?: boolean): Promise<void> {

@@ -21,6 +21,10 @@ export interface Engine {
   statementsOf(em: EntityManager): Promise<Statements>;
   /** A committed read outside any transaction (SQLite: on a reader), with a kept statement. */
   read<T>(sql: string, params: unknown[]): Promise<T[]>;
+  /** Runs `fn` holding a PostgreSQL session advisory lock (on SQLite, one process owns the file: just runs it). */
+  withSessionLock<T>(key: number, fn: () => Promise<T>): Promise<T>;
+  /** True when work waits for the (SQLite) writer connection. */
+  writersWaiting(): boolean;
   close(force?: boolean): Promise<void>;
 }
 
@@ -53,19 +57,26 @@ const PG_INT8_OID = 20;
 /** pg_advisory_lock key that serializes migrations across replicas. */
 const MIGRATION_LOCK_KEY = 72010002;
 
-/** Runs `fn` while holding a PostgreSQL session-level advisory lock on a connection of its own. */
-async function withPgSessionLock<T>(url: string, key: number, fn: () => Promise<T>): Promise<T> {
+/**
+ * Runs `fn` while holding a PostgreSQL session-level advisory lock on a
+ * connection of its own. If that connection dies (a database restart), the
+ * lock is gone with it: `fn` goes on, and the guards of its own writes
+ * (unique keys, conditional updates) keep a second holder from doing harm.
+ */
+async function withPgSessionLock<T>(url: string, key: number, fn: () => Promise<T>, log?: Logger): Promise<T> {
   const client = new PgClient({ connectionString: url });
+  // An 'error' event without a listener would end the process.
+  client.on('error', (err) => log?.warn({ err, lockKey: key }, 'the connection holding an advisory lock was lost'));
   await client.connect();
   try {
     await client.query('select pg_advisory_lock($1)', [key]);
     try {
       return await fn();
     } finally {
-      await client.query('select pg_advisory_unlock($1)', [key]);
+      await client.query('select pg_advisory_unlock($1)', [key]).catch(() => undefined);
     }
   } finally {
-    await client.end();
+    await client.end().catch(() => undefined);
   }
 }
 
@@ -84,6 +95,8 @@ function pgTypeParser(oid: number, format?: string): (value: string) => unknown 
 interface KnexClient {
   acquireConnection(): Promise<unknown>;
   releaseConnection(conn: unknown): unknown;
+  /** knex's tarn pool. */
+  pool?: { numPendingAcquires(): number };
 }
 
 /** What the engine uses of a better-sqlite3 connection. */
@@ -220,6 +233,8 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrat
           knexClient.releaseConnection(conn);
         }
       },
+      withSessionLock: (key, fn) => withPgSessionLock(db.url, key, fn, log),
+      writersWaiting: () => false,
       close: (force) => orm.close(force),
     };
   }
@@ -268,6 +283,8 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrat
         knexClient.releaseConnection(conn);
       }
     },
+    withSessionLock: (_key, fn) => fn(),
+    writersWaiting: () => (knexClient.pool?.numPendingAcquires() ?? 0) > 0,
     async close(force) {
       for (const reader of readers) reader.close();
       await orm.close(force);

@@ -25,7 +25,8 @@ export type InvariantRule =
   | 'usage_linked_to_record'
   | 'usage_record_total'
   | 'usage_matches_line_items'
-  | 'deleted_user_settled';
+  | 'deleted_user_settled'
+  | 'staging_record_of_open_run';
 
 /** Every rule with what it guarantees, in the order they are checked. */
 export const INVARIANT_RULES: Readonly<Record<InvariantRule, string>> = Object.freeze({
@@ -40,6 +41,8 @@ export const INVARIANT_RULES: Readonly<Record<InvariantRule, string>> = Object.f
   usage_record_total: "every USAGE record has line items and its amount equals their sum",
   usage_matches_line_items: "each USAGE record's line items are exactly the quantities of the BILLED entries it links, per service",
   deleted_user_settled: "a deleted user's wallet is closed and holds no money, and none of their billing records is unpaid",
+  staging_record_of_open_run:
+    'a staging usage record (not yet sealed, not chargeable) belongs to an ingestion run still storing its rows (or rolled back after a crash by the next run), is PENDING and unattempted, and has no line items yet',
 });
 
 export interface InvariantViolation {
@@ -228,7 +231,7 @@ const QUERIES: readonly Query[] = [
     sql: `select r.id, r.user_id, cast(r.amount as text) as amount, count(li.id) as lines, ${splitSum('li.amount', 'line_total')}
           from billing_records r
           left join line_items li on li.billing_record_id = r.id
-          where r.kind = 'USAGE'
+          where r.kind = 'USAGE' and not r.staging
           group by r.id, r.user_id, r.amount
           having count(li.id) = 0
               or not ${equalsSplit('r.amount', `coalesce(sum(li.amount / ${SPLIT}), 0)`, `coalesce(sum(li.amount % ${SPLIT}), 0)`)}
@@ -259,11 +262,24 @@ const QUERIES: readonly Query[] = [
           from usage_logs l
           where l.status = 'BILLED' and l.billing_record_id is not null
             and not exists (select 1 from line_items li where li.billing_record_id = l.billing_record_id and li.service = l.service)
+            and not exists (select 1 from billing_records r where r.id = l.billing_record_id and r.staging)
           group by l.billing_record_id, l.service
           order by l.billing_record_id, l.service limit ?`,
     describe: (r) =>
       `billing record ${str(r.billing_record_id)} links ${str(r.n)} BILLED ${JSON.stringify(r.service)} entries ` +
       `(quantity ${joinSplit(r.quantity_hi, r.quantity_lo)} x10^-6) but has no line item for that service`,
+  },
+  {
+    rule: 'staging_record_of_open_run',
+    sql: `select r.id, r.job_run_id, r.status, r.attempt_count, u.state,
+                 (select count(*) from line_items li where li.billing_record_id = r.id) as lines
+          from billing_records r left join usage_runs u on u.job_run_id = r.job_run_id
+          where r.staging and (u.state is null or u.state <> 'STAGING' or r.status <> 'PENDING' or r.attempt_count <> 0
+                               or exists (select 1 from line_items li where li.billing_record_id = r.id))
+          order by r.id limit ?`,
+    describe: (r) =>
+      `staging billing record ${str(r.id)} of job run ${str(r.job_run_id)} (run ${r.state === null || r.state === undefined ? 'unknown' : str(r.state)}, ` +
+      `${str(r.status)}, ${str(r.attempt_count)} attempts, ${str(r.lines)} line items) should not exist: only a run still storing its rows has staging records`,
   },
   {
     rule: 'deleted_user_settled',
@@ -352,7 +368,7 @@ export async function checkInvariants(db: Pick<Database, 'fork' | 'dialect'>, op
 }
 
 /** The tables the checker reads. */
-const TABLES = ['users', 'wallets', 'wallet_transactions', 'billing_records', 'line_items', 'usage_logs'] as const;
+const TABLES = ['users', 'wallets', 'wallet_transactions', 'billing_records', 'line_items', 'usage_logs', 'usage_runs'] as const;
 
 /** MikroORM's record of applied migrations. */
 const MIGRATIONS_TABLE = 'mikro_orm_migrations';

@@ -5,15 +5,23 @@
  * (../billing/records.repository.ts) -> the charge (../billing/charging.ts)
  * -> the ledger row (../wallets/ledger.repository.ts).
  *
- * The file is streamed in batches inside one transaction, so memory stays
- * flat, a malformed JSON array bills nothing, and a crash leaves either the
- * whole run or none of it. Each usage row is written once, in its final
- * state: per batch the entries are validated and given their identity, the
- * identities already stored are looked up (which also gives the occurrence
- * numbers, see `keyed`), and the new rows are inserted BILLED (with the id of
- * their user's record of this run), PENDING with the reason, or REJECTED. The
- * records' amounts and line items are written at the end from the totals kept
- * in memory. The inserts run while the next batch is parsed.
+ * The file is streamed in batches, so memory stays flat, and stored in
+ * chunks, each its own short transaction, so other writes (AddFunds,
+ * charges...) never wait for a whole file: a chunk commits as soon as another
+ * write waits for SQLite's one writer. Each usage row is written once, in its
+ * final state: per batch the entries are validated and given their identity,
+ * the identities already stored are looked up (which also gives the
+ * occurrence numbers, see `keyed`), and the new rows are inserted BILLED
+ * (pointing at their user's record of this run, reserved `staging`: not
+ * chargeable, not listed), PENDING with the reason, or REJECTED.
+ *
+ * When the file has been read to its end, one transaction seals the run: the
+ * records get their amounts and line items (from the totals kept in memory)
+ * and become due, and the run is marked SEALED. Until then nothing is billed
+ * and the run's rows are not listed. A run that never seals (a malformed JSON
+ * array, an unreadable file, a crash at any moment) is rolled back, by itself
+ * or by the next run: its rows and staging records are deleted, and the next
+ * read of the file finds its entries new and bills each once.
  */
 import type { Logger } from 'pino';
 import type { BillingService } from '../billing/billing.service';
@@ -78,6 +86,53 @@ export const OVER_RECORD_LIMIT = 'OVER_RECORD_LIMIT';
 const BATCH_ENTRIES = 500;
 /** Earlier PENDING entries read per statement. */
 const PENDING_PAGE = 5000;
+/** Rows of an unsealed run deleted per transaction when it is rolled back. */
+const ROLLBACK_ROWS = 5000;
+/** Batches read from the file ahead of the writer. */
+const READ_AHEAD = 4;
+
+/**
+ * The file's batches, read up to READ_AHEAD ahead of the writer, so that a
+ * chunk transaction takes only batches already in hand and never waits for
+ * the file (a slow disk or a hung mount) while it holds the writer.
+ */
+function readAhead(first: IteratorResult<RawEntry[], unknown>, batches: AsyncGenerator<RawEntry[], unknown>) {
+  const queue: RawEntry[][] = first.done ? [] : [first.value];
+  let ended = first.done === true;
+  let failure: { error: unknown } | null = null;
+  let reading: Promise<void> | null = null;
+  const pump = (): void => {
+    if (reading || ended || failure || queue.length >= READ_AHEAD) return;
+    reading = batches.next().then(
+      (next) => {
+        reading = null;
+        if (next.done) ended = true;
+        else queue.push(next.value);
+        pump();
+      },
+      (error: unknown) => {
+        reading = null;
+        failure = { error };
+      },
+    );
+  };
+  pump();
+  return {
+    /** A batch in hand now, or null. */
+    take(): RawEntry[] | null {
+      const batch = queue.shift() ?? null;
+      pump();
+      return batch;
+    },
+    /** Waits (outside any transaction) for a batch: false at the end of the file; throws what reading threw. */
+    async wait(): Promise<boolean> {
+      while (queue.length === 0 && !ended && !failure) await (reading ?? Promise.resolve(pump()));
+      if (queue.length > 0) return true;
+      if (failure) throw (failure as { error: unknown }).error;
+      return false;
+    },
+  };
+}
 
 type UserState = 'live' | 'deleted' | 'unknown';
 
@@ -103,11 +158,15 @@ export function createIngestService(deps: IngestDeps): IngestService {
   const { db, clock, log, pricing, usageLogs, records, ledger } = deps;
   const pricedServices = [...pricing.keys()];
 
-  /** One run inside its transaction. */
-  function createRun(tx: Tx, jobRunId: number, now: Date) {
-    let occurrences = new OccurrenceTable();
+  /**
+   * One run's state across its transactions: the occurrence numbers, the
+   * users' states, and each billed user's record of this run with its totals.
+   * Every method takes the transaction it works in.
+   */
+  function createRun(jobRunId: number, now: Date) {
+    const occurrences = new OccurrenceTable();
     const users = new Map<number, UserState>();
-    /** user -> its record of this run, in the order records are allocated. */
+    /** user -> its (staging) record of this run, in the order records are reserved. */
     const recordOf = new Map<number, number>();
     const totals = new Map<number, UserTotals>();
     /** Each user's record amount so far: the sum of its lines' amounts. */
@@ -116,19 +175,6 @@ export function createIngestService(deps: IngestDeps): IngestService {
     const earlier = new Map<number, number[]>();
     let accepted = 0;
     let rejected = 0;
-
-    // The inserts run one after another on the connection while JavaScript reads the next batch.
-    let tail: Promise<void> = Promise.resolve();
-    let failure: unknown;
-    const enqueue = (work: () => Promise<void>) => {
-      tail = tail.then(work).catch((err: unknown) => {
-        failure ??= err;
-      });
-    };
-    const drain = async () => {
-      await tail;
-      if (failure) throw failure;
-    };
 
     /**
      * Adds a billable entry to its user's line for the service, unless that
@@ -157,18 +203,24 @@ export function createIngestService(deps: IngestDeps): IngestService {
       return true;
     }
 
-    async function reserveRecords(userIds: number[]): Promise<void> {
+    /** Reserves this run's staging record of each user (the rows point at it before its lines are known). */
+    async function reserveRecords(tx: Tx, userIds: number[]): Promise<void> {
       if (userIds.length === 0) return;
-      // The record exists before its usage rows point at it (foreign key); finish() writes its amount and lines.
       for (const [userId, recordId] of await records.reserveUsageRecords(tx, userIds, jobRunId, now)) recordOf.set(userId, recordId);
     }
 
-    async function lookUpUsers(ids: number[]): Promise<void> {
-      const unknown = [...new Set(ids)].filter((id) => !users.has(id));
-      if (unknown.length === 0) return;
-      // Open wallets are held open until the run commits, so none of these users can be deleted meanwhile.
-      const states = await ledger.holdOpenMany(tx, unknown);
-      for (const id of unknown) {
+    /**
+     * Learns whether users are live, deleted or unknown. Users about to get a
+     * record are always asked again in this transaction (their state may have
+     * changed since an earlier chunk), and their wallets are held open until
+     * it commits; once a user has a staging record, it cannot be deleted (the
+     * record is unpaid).
+     */
+    async function lookUpUsers(tx: Tx, ids: number[], fresh: Set<number>): Promise<void> {
+      const ask = [...new Set(ids)].filter((id) => !users.has(id) || (fresh.has(id) && !recordOf.has(id)));
+      if (ask.length === 0) return;
+      const states = await ledger.holdOpenMany(tx, ask);
+      for (const id of ask) {
         const state = states.get(id);
         users.set(id, state === undefined ? 'unknown' : state === 'open' ? 'live' : 'deleted');
       }
@@ -194,7 +246,7 @@ export function createIngestService(deps: IngestDeps): IngestService {
      * occurrences are counted in `occurrences`, so n = (earlier occurrences
      * counted there) + 1, plus 1 more when this run stored the first one.
      */
-    async function keyed(found: Candidate[]): Promise<Candidate[]> {
+    async function keyed(tx: Tx, found: Candidate[]): Promise<Candidate[]> {
       const first = await usageLogs.storedKeys(
         tx,
         found.map((c) => (c.kind === 'e' ? `e:${c.identity}` : `${c.kind}:${c.identity}:1`)),
@@ -243,8 +295,9 @@ export function createIngestService(deps: IngestDeps): IngestService {
     }
 
     return {
-      /** PENDING usage of earlier runs that is billable now joins this run's records. */
-      async start(): Promise<void> {
+      /** Marks the run STAGING, and lets PENDING usage of earlier runs that is billable now join its records. */
+      async start(tx: Tx): Promise<void> {
+        await usageLogs.beginRun(tx, jobRunId);
         // Entry by entry, oldest first (no SQL sum: it could overflow), each within the record limit.
         for (let afterId = 0; ; ) {
           const page = await usageLogs.billablePending(tx, pricedServices, afterId, PENDING_PAGE);
@@ -257,16 +310,21 @@ export function createIngestService(deps: IngestDeps): IngestService {
           }
           afterId = page[page.length - 1].id;
         }
-        await reserveRecords([...earlier.keys()]);
+        await reserveRecords(tx, [...earlier.keys()]);
       },
 
-      async batch(entries: RawEntry[]): Promise<void> {
+      /** Stores one batch of entries, each row in its final state (BILLED rows point at staging records). */
+      async stage(tx: Tx, entries: RawEntry[]): Promise<void> {
         const found = entries.map(candidate);
         if (found.length === 0) return;
-        // Everything queued so far is written; now ask which identities are stored already.
-        await drain();
-        const fresh = await keyed(found);
-        await lookUpUsers(fresh.flatMap((c) => (c.userId === null ? [] : [c.userId])));
+        const fresh = await keyed(tx, found);
+        const billableIds = new Set<number>();
+        for (const c of fresh) if (c.userId !== null && pricing.has(c.service)) billableIds.add(c.userId);
+        await lookUpUsers(
+          tx,
+          fresh.flatMap((c) => (c.userId === null ? [] : [c.userId])),
+          billableIds,
+        );
         // Decide each entry first (billed now, or why not), so that records are made only for users billed now.
         const reasons: string[] = [];
         const newUsers = new Set<number>();
@@ -285,7 +343,7 @@ export function createIngestService(deps: IngestDeps): IngestService {
             if (!recordOf.has(c.userId)) newUsers.add(c.userId);
           }
         }
-        await reserveRecords([...newUsers]);
+        await reserveRecords(tx, [...newUsers]);
         const at = now.getTime();
         const rows: UsageRowDraft[] = fresh.map((c, i) => {
           if (c.userId === null) rejected++;
@@ -304,14 +362,15 @@ export function createIngestService(deps: IngestDeps): IngestService {
             ingestedAt: at,
           };
         });
-        enqueue(() => usageLogs.insert(tx, rows));
+        await usageLogs.insert(tx, rows);
       },
 
-      /** Writes the records and their lines, links earlier PENDING usage; returns the record ids. */
-      async finish(): Promise<{ ids: number[]; accepted: number; rejected: number }> {
-        await drain();
-        // The file is read: the occurrence table (the largest allocation of a run) can go.
-        occurrences = new OccurrenceTable(0);
+      /**
+       * The file is read to its end: writes the records' amounts and lines and
+       * makes them due, bills the earlier PENDING usage that joined them, and
+       * marks the run SEALED, all in `tx`. Returns the record ids.
+       */
+      async seal(tx: Tx): Promise<{ ids: number[]; accepted: number; rejected: number; pending: number }> {
         const drafts: UsageRecordDraft[] = [];
         for (const [userId, recordId] of recordOf) {
           const lines = [...totals.get(userId)!.entries()]
@@ -320,20 +379,40 @@ export function createIngestService(deps: IngestDeps): IngestService {
           const description = `Usage: ${lines.map((l) => `${formatDecimal(l.quantity, QUANTITY_SCALE)} ${l.service}`).join(', ')} (job run ${jobRunId})`;
           drafts.push({ id: recordId, amount: recordAmount.get(userId)!, description, lines });
         }
-        await records.completeUsageRecords(tx, drafts);
+        await records.sealUsageRecords(tx, drafts, clock.now());
         for (const [userId, ids] of earlier) {
           const linked = await usageLogs.linkToRecord(tx, userId, recordOf.get(userId)!, ids);
           // Another writer billed some of these entries first: undo the whole run rather than bill twice.
           if (linked !== ids.length) throw new Error(`usage of user ${userId} changed while billing; run aborted`);
         }
-        return { ids: drafts.map((d) => d.id).sort((a, b) => a - b), accepted, rejected };
-      },
-
-      /** Stops the queued inserts from reporting (the transaction is rolling back). */
-      async abandon(): Promise<void> {
-        await tail;
+        const pending = await usageLogs.explainPending(tx, jobRunId, pricedServices, OVER_RECORD_LIMIT);
+        await usageLogs.sealRun(tx, jobRunId);
+        return { ids: drafts.map((d) => d.id).sort((a, b) => a - b), accepted, rejected, pending };
       },
     };
+  }
+
+  /**
+   * Rolls back what runs that never sealed (they died, or their file was
+   * unusable) stored: their rows, then their staging records, in bounded
+   * transactions. A rolled-back entry is new again, so the next read of its
+   * file bills it once.
+   */
+  async function rollBackUnsealed(currentRun: number): Promise<void> {
+    const runs = await db.transaction((tx) => usageLogs.unsealedRuns(tx, currentRun));
+    for (const run of runs) {
+      let rows = 0;
+      for (;;) {
+        const deleted = await db.transaction(async (tx) => {
+          const n = await usageLogs.rollBackSome(tx, run, ROLLBACK_ROWS);
+          if (n === 0) await records.discardStaging(tx, run.jobRunId);
+          return n;
+        });
+        if (deleted === 0) break;
+        rows += deleted;
+      }
+      log.warn({ jobRunId: run.jobRunId, rows }, 'rolled back the usage a run stored but never sealed');
+    }
   }
 
   return {
@@ -369,37 +448,42 @@ export function createIngestService(deps: IngestDeps): IngestService {
           throw err;
         }
       }
-      let recordIds: number[];
+      let sealed: Awaited<ReturnType<ReturnType<typeof createRun>['seal']>>;
       try {
-        recordIds = await db.transaction(async (tx) => {
-          // One ingestion at a time across replicas (PostgreSQL; SQLite has a single writer anyway).
-          await db.serializeIngestion(tx);
-          const run = createRun(tx, jobRunId, clock.now());
+        // One ingestion at a time, in this process and across replicas.
+        sealed = await db.exclusive('ingestion', async () => {
+          await rollBackUnsealed(jobRunId);
+          const run = createRun(jobRunId, clock.now());
+          const feed = readAhead(first, batches);
           try {
-            await run.start();
-            try {
-              for (let next = first; !next.done; next = await batches.next()) {
-                counts.entriesRead += next.value.length;
-                await run.batch(next.value);
-              }
-            } catch (err) {
-              if (err instanceof UsageFileError || err instanceof UsageSourceError) throw unusable(err.message);
-              throw err;
+            await db.transaction((tx) => run.start(tx));
+            // Stored in chunks: a chunk commits as soon as another write waits (db.chunkDue), and never
+            // waits for the file inside its transaction (the batches are read ahead of it).
+            while (await feed.wait()) {
+              await db.transaction(async (tx) => {
+                const started = performance.now();
+                for (let batch = feed.take(); batch; batch = db.chunkDue(started) ? null : feed.take()) {
+                  counts.entriesRead += batch.length;
+                  await run.stage(tx, batch);
+                }
+              });
             }
-            const done = await run.finish();
-            counts.entriesAccepted = done.accepted;
-            counts.entriesRejected = done.rejected;
-            counts.entriesDuplicate = counts.entriesRead - done.accepted - done.rejected;
-            counts.entriesPending = await usageLogs.explainPending(tx, jobRunId, pricedServices, OVER_RECORD_LIMIT);
-            return done.ids;
+            return await db.transaction((tx) => run.seal(tx));
           } catch (err) {
-            await run.abandon();
+            // Nothing of this run is billed: its rows and staging records go (or the next run removes them).
+            await rollBackUnsealed(0).catch((e: unknown) => log.error({ err: e, jobRunId }, 'rolling back a failed run failed; the next run will'));
+            if (err instanceof UsageFileError || err instanceof UsageSourceError) throw unusable(err.message);
             throw err;
           }
         });
       } finally {
         await batches.return('empty'); // closes the file if the run stopped before its end (the value is unused)
       }
+      counts.entriesAccepted = sealed.accepted;
+      counts.entriesRejected = sealed.rejected;
+      counts.entriesDuplicate = counts.entriesRead - sealed.accepted - sealed.rejected;
+      counts.entriesPending = sealed.pending;
+      const recordIds = sealed.ids;
       counts.billingRecordsCreated = recordIds.length;
       const charged = await deps.billing.chargeNewRecords(recordIds);
       Object.assign(counts, charged);

@@ -1,7 +1,9 @@
 /**
- * The door of the `usage_logs` table: ingested entries are stored here, each
- * once under its identity (unique dedup_key), and PENDING entries are billed
- * (linked to a record) or told why they wait.
+ * The door of the `usage_logs` and `usage_runs` tables: ingested entries are
+ * stored here, each once under its identity (unique dedup_key), and PENDING
+ * entries are billed (linked to a record) or told why they wait. An ingestion
+ * run stores its rows over several transactions; `usage_runs` says whether it
+ * sealed them, so that the rows of a run that never did can be rolled back.
  */
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Tx } from '../db/database';
@@ -33,7 +35,25 @@ export interface PendingUsage {
   quantity: bigint;
 }
 
+/** A run that stored rows and never sealed them (it died, or its file turned out unusable). */
+export interface UnsealedRun {
+  jobRunId: number;
+  /** Every row of the run has an id at least this. */
+  firstUsageId: number;
+}
+
 export interface UsageLogsRepository {
+  /** Records that `jobRunId` starts storing rows (state STAGING). */
+  beginRun(tx: Tx, jobRunId: number): Promise<void>;
+  /** Marks the run's rows final (in the transaction that seals its records). */
+  sealRun(tx: Tx, jobRunId: number): Promise<void>;
+  /** Runs other than `except` still STAGING. */
+  unsealedRuns(tx: Tx, except: number): Promise<UnsealedRun[]>;
+  /**
+   * Deletes up to `limit` rows of an unsealed run; returns how many (0: none
+   * left, and the run is then marked ROLLED_BACK).
+   */
+  rollBackSome(tx: Tx, run: UnsealedRun, limit: number): Promise<number>;
   /** Which of `keys` are stored, with the run that stored each. */
   storedKeys(tx: Tx, keys: readonly string[]): Promise<Map<string, number>>;
   /** Inserts rows (with the fewest prepared multi-row statements); throws if any was not inserted. */
@@ -71,6 +91,35 @@ const placeholders = (n: number): string => Array.from({ length: n }, () => '?')
 
 export function createUsageLogsRepository(): UsageLogsRepository {
   return {
+    async beginRun(tx, jobRunId) {
+      await tx.run(
+        `insert into usage_runs (job_run_id, first_usage_id, state) values (?, (select coalesce(max(id), 0) + 1 from usage_logs), 'STAGING')`,
+        [jobRunId],
+      );
+    },
+
+    async sealRun(tx, jobRunId) {
+      const changed = await tx.run(`update usage_runs set state = 'SEALED' where job_run_id = ? and state = 'STAGING'`, [jobRunId]);
+      if (changed !== 1) throw new Error(`ingestion run ${jobRunId} was rolled back while it ran`);
+    },
+
+    async unsealedRuns(tx, except) {
+      const rows = await tx.all<{ job_run_id: number | string; first_usage_id: number | string }>(
+        `select job_run_id, first_usage_id from usage_runs where state = 'STAGING' and job_run_id <> ? order by job_run_id`,
+        [except],
+      );
+      return rows.map((r) => ({ jobRunId: Number(r.job_run_id), firstUsageId: Number(r.first_usage_id) }));
+    },
+
+    async rollBackSome(tx, run, limit) {
+      const deleted = await tx.run(
+        `delete from usage_logs where id in (select id from usage_logs where id >= ? and job_run_id = ? order by id limit ?)`,
+        [run.firstUsageId, run.jobRunId, limit],
+      );
+      if (deleted === 0) await tx.run(`update usage_runs set state = 'ROLLED_BACK' where job_run_id = ?`, [run.jobRunId]);
+      return deleted;
+    },
+
     async storedKeys(tx, keys) {
       const stored = new Map<string, number>();
       for (let i = 0; i < keys.length; i += PROBE_KEYS) {
@@ -148,12 +197,17 @@ export function createUsageLogsRepository(): UsageLogsRepository {
     },
 
     async list(em, filter, page) {
+      // The rows of a run appear together, when it seals them (the runs still storing theirs are few).
+      const unsealed = (await em.execute<{ job_run_id: number | string }[]>(`select job_run_id from usage_runs where state <> 'SEALED'`)).map((r) =>
+        Number(r.job_run_id),
+      );
       const rows = await em.find(
         UsageLog,
         {
           id: { $gt: page.afterId },
           ...(filter.userId !== null ? { userId: filter.userId } : {}),
           ...(filter.status !== null ? { status: filter.status } : {}),
+          ...(unsealed.length > 0 ? { $or: [{ jobRunId: null }, { jobRunId: { $nin: unsealed } }] } : {}),
         },
         { orderBy: { id: 'asc' }, limit: page.limit },
       );

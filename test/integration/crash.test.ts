@@ -334,3 +334,113 @@ describe('SIGKILL at a seeded moment, restart, finish: nothing lost, nothing twi
     }
   });
 });
+
+/**
+ * The ingestion of a file commits in chunks while other writes wait. A kill
+ * right after the k-th chunk became visible, or a few ms into the next one,
+ * must leave a database the invariant checker accepts as it is (a run caught
+ * storing its rows is not a violation), and the next run must roll the dead
+ * run back and bill every entry exactly once.
+ */
+describe('SIGKILL at an ingestion chunk boundary, restart, ingest again: every entry billed once', () => {
+  let dir: string;
+  let db: TestDatabase;
+  const running: ServiceProcess[] = [];
+
+  beforeEach(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-chunks-'));
+    db = await createTestDatabase(dir);
+  });
+
+  afterEach(async () => {
+    for (const s of running.splice(0)) s.close();
+    await killServiceProcesses();
+    await db.drop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it.each(SEEDS)('seed %i', async (seed) => {
+    const rand = mulberry32(seed);
+    const between = (lo: number, hi: number) => lo + Math.floor(rand() * (hi - lo + 1));
+    const file = path.join(dir, 'usage.ndjson');
+    const env = { GRPC_PORT: '0', ...db.env, INGEST_CRON: 'off', LOG_FILE_PATH: file, LOG_LEVEL: 'info' };
+    const config: DatabaseConfig = db.env.DATABASE_URL ? { kind: 'postgresql', url: db.env.DATABASE_URL } : { kind: 'sqlite', path: db.env.DB_PATH };
+
+    let svc = await startServiceProcess(env);
+    running.push(svc);
+    const userIds: number[] = [];
+    for (let i = 0; i < 20; i++) {
+      const { user } = await call(svc.users, 'createUser', { email: `b${i}@example.com`, name: `B${i}`, requestId: `u-${i}` });
+      await call(svc.wallets, 'addFunds', { userId: user!.id, amount: money('1000'), requestId: `open-${i}` });
+      userIds.push(Number(user!.id));
+    }
+    const N = 20_000;
+    const lines = Array.from({ length: N }, (_, k) =>
+      JSON.stringify({ id: `b${seed}-${k}`, userId: userIds[k % 20], service: SERVICES[k % 4], quantity: 1 + (k % 9), timestamp: '2025-03-01T00:00:00Z' }),
+    );
+    fs.writeFileSync(file, lines.join('\n') + '\n');
+
+    const afterChunks = between(1, 4);
+    const extraMs = rand() < 0.5 ? 0 : between(1, 15); // right at the boundary, or a little into the next chunk
+    const ctx = { seed, kill: `${extraMs} ms after chunk ${afterChunks} became visible` };
+
+    const side = await openDatabase(config, pino({ level: 'silent' }), { migrate: false });
+    try {
+      // Credits keep arriving, so the run commits a chunk each time one waits.
+      let stop = false;
+      const credits = (async () => {
+        for (let i = 0; !stop; i++) {
+          await call(svc.wallets, 'addFunds', { userId: BigInt(userIds[i % 20]), amount: money('0.01'), requestId: `c-${i}` }).catch(() => undefined);
+        }
+      })();
+      void call(svc.jobs, 'processLogs', {}, { deadlineMs: 60_000 }).catch(() => undefined);
+      let visible = 0;
+      let chunks = 0;
+      for (const until = Date.now() + 30_000; Date.now() < until && chunks < afterChunks && visible < N; ) {
+        const [{ n }] = await side.fork().execute<{ n: number | string }[]>('select count(*) as n from usage_logs');
+        if (Number(n) > visible) {
+          visible = Number(n);
+          chunks++;
+        } else {
+          await sleep(1);
+        }
+      }
+      if (extraMs) await sleep(extraMs);
+      svc.child.kill('SIGKILL');
+      stop = true;
+      await svc.exit;
+      await credits;
+      svc.close();
+
+      // As the crash left it: a run caught storing its rows is not a violation.
+      const atCrash = await checkInvariants(side);
+      expect({ ...ctx, visible, violations: atCrash.violations }).toEqual({ ...ctx, visible, violations: [] });
+
+      // Restart and ingest again: the dead run is rolled back, every entry billed once.
+      svc = await startServiceProcess(env);
+      running.push(svc);
+      const run = (await call(svc.jobs, 'processLogs', {}, { deadlineMs: 60_000 })).jobRun!;
+      expect({ ...ctx, status: jobPb.JobRunStatus[run.status] }).toEqual({ ...ctx, status: 'JOB_RUN_STATUS_SUCCEEDED' });
+      const em = side.fork();
+      const [{ billed, keys }] = await em.execute<{ billed: number | string; keys: number | string }[]>(
+        `select count(*) as billed, count(distinct dedup_key) as keys from usage_logs where status = 'BILLED'`,
+      );
+      expect({ ...ctx, billed: Number(billed), keys: Number(keys) }).toEqual({ ...ctx, billed: N, keys: N });
+      const [{ staging }] = await em.execute<{ staging: number | string }[]>('select count(*) as staging from billing_records where staging = ?', [true]);
+      expect({ ...ctx, staging: Number(staging) }).toEqual({ ...ctx, staging: 0 });
+      const states = await em.execute<{ state: string }[]>('select state from usage_runs order by job_run_id');
+      expect({ ...ctx, states: states.map((s) => s.state) }).toEqual({
+        ...ctx,
+        // The killed run sealed if the kill came after its last chunk; else it was rolled back.
+        states: states.length === 2 && states[0].state === 'SEALED' ? ['SEALED', 'SEALED'] : ['ROLLED_BACK', 'SEALED'],
+      });
+      const report = await checkInvariants(side);
+      expect({ ...ctx, violations: report.violations }).toEqual({ ...ctx, violations: [] });
+      svc.close();
+      svc.child.kill('SIGTERM');
+      await svc.exit;
+    } finally {
+      await side.close();
+    }
+  });
+});

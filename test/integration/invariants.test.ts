@@ -344,6 +344,34 @@ describe('the invariant checker', () => {
     expect(rulesOf(unpaid)).toEqual(['deleted_user_settled']);
   });
 
+  it('accepts a run caught in the middle of storing its rows (a staging record, BILLED rows pointing at it)', async () => {
+    const report = await corrupted(async (tx) => {
+      const { id: userId } = await one(tx, `select id from users where deleted_at is null order by id`);
+      const [{ run }] = await tx.execute<Row[]>(`select max(id) + 1 as run from job_runs`);
+      await tx.execute(`insert into job_runs (id, kind, status, trigger, started_at) values (?, 'PROCESS_LOGS', 'RUNNING', 'rpc', 0)`, [run]);
+      await tx.execute(`insert into usage_runs (job_run_id, first_usage_id, state) values (?, 1000000, 'STAGING')`, [run]);
+      const [{ id: recordId }] = await tx.execute<Row[]>(
+        `insert into billing_records (user_id, kind, amount, status, description, attempt_count, job_run_id, created_at, updated_at, staging)
+         values (?, 'USAGE', 0, 'PENDING', '', 0, ?, 0, 0, ?) returning id`,
+        [userId, run, true],
+      );
+      await tx.execute(
+        `insert into usage_logs (dedup_key, user_id, service, quantity, usage_at, status, reason, billing_record_id, job_run_id, ingested_at)
+         values ('e:mid-run-1', ?, 'api-calls', 1000000, 0, 'BILLED', '', ?, ?, 0), ('e:mid-run-2', ?, 'storage', 2000000, 0, 'BILLED', '', ?, ?, 0)`,
+        [userId, recordId, run, userId, recordId, run],
+      );
+    });
+    expect(report.violations).toEqual([]);
+  });
+
+  it('reports a staging record whose run sealed or was rolled back, or that was charged', async () => {
+    const sealed = await corrupted(async (tx) => {
+      const { id } = await one(tx, `select id from billing_records where kind = 'USAGE' order by id`);
+      await tx.execute('update billing_records set staging = ? where id = ?', [true, id]);
+    });
+    expect(rulesOf(sealed)).toEqual(['staging_record_of_open_run']);
+  });
+
   it('has a corruption above for every rule', () => {
     // Keeps this file honest when a rule is added.
     expect(Object.keys(INVARIANT_RULES).sort()).toEqual(
@@ -355,6 +383,7 @@ describe('the invariant checker', () => {
         'no_negative_balance',
         'one_debit_per_record',
         'paid_record_debited_once',
+        'staging_record_of_open_run',
         'usage_linked_to_record',
         'usage_matches_line_items',
         'usage_record_total',

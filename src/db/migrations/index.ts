@@ -4,6 +4,7 @@ import { Migration20261124020000DropUsageRecordIdx } from './Migration2026112402
 import { Migration20261124030000DropUsageStaging } from './Migration20261124030000_drop_usage_staging';
 import { Migration20261202000000WalletClosed } from './Migration20261202000000_wallet_closed';
 import { Migration20261202010000JobHeartbeat } from './Migration20261202010000_job_heartbeat';
+import { Migration20261202020000IngestionChunks } from './Migration20261202020000_ingestion_chunks';
 
 /** Every migration, in order. Listed here so that compiled code and ts-jest find them alike. */
 export const migrationsList = [
@@ -13,4 +14,5 @@ export const migrationsList = [
   { name: 'Migration20261124030000_drop_usage_staging', class: Migration20261124030000DropUsageStaging },
   { name: 'Migration20261202000000_wallet_closed', class: Migration20261202000000WalletClosed },
   { name: 'Migration20261202010000_job_heartbeat', class: Migration20261202010000JobHeartbeat },
+  { name: 'Migration20261202020000_ingestion_chunks', class: Migration20261202020000IngestionChunks },
 ];
