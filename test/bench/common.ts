@@ -11,7 +11,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { Client as PgClient } from 'pg';
-import * as sqlite3 from 'sqlite3';
+import Database from 'better-sqlite3';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import * as userPb from '../../generated/billing/v1/user_service';
@@ -105,28 +105,29 @@ export interface BenchDb {
 }
 
 function sqliteDb(file: string): BenchDb {
-  let db: sqlite3.Database | null = null;
-  const open = (): sqlite3.Database => {
+  let db: Database.Database | null = null;
+  const open = (): Database.Database => {
     if (!db) {
-      db = new sqlite3.Database(file);
-      db.configure('busyTimeout', 10_000);
+      db = new Database(file);
+      db.pragma('busy_timeout = 10000');
     }
     return db;
   };
-  const close = () =>
-    new Promise<void>((resolve) => {
-      if (!db) return resolve();
-      const d = db;
-      db = null;
-      d.close(() => resolve());
-    });
+  const close = async () => {
+    db?.close();
+    db = null;
+  };
   return {
     kind: 'sqlite',
     env: { DB_PATH: file },
     file,
-    query: <T>(sql: string, params: unknown[] = []) =>
-      new Promise<T[]>((resolve, reject) => open().all(sql, params, (err, rows) => (err ? reject(err) : resolve(rows as T[])))),
-    exec: (sql: string) => new Promise<void>((resolve, reject) => open().exec(sql, (err) => (err ? reject(err) : resolve()))),
+    query: async <T>(sql: string, params: unknown[] = []) => {
+      const stmt = open().prepare(sql);
+      if (stmt.reader) return stmt.all(params) as T[];
+      stmt.run(params);
+      return [];
+    },
+    exec: async (sql: string) => void open().exec(sql),
     close,
     async drop() {
       await close();

@@ -1,6 +1,6 @@
 /**
  * The retry floor: the writes that charging N due records needs, done by a
- * minimal raw script with the same driver (node-sqlite3) and pragmas on a copy
+ * minimal raw script with the same driver (better-sqlite3) and pragmas on a copy
  * of the seeded database: read the due records and their wallets, debit each
  * wallet, write each DEBIT ledger row, move each record to PAID, in one
  * transaction of multi-row statements (as few statements as the parameter
@@ -8,24 +8,23 @@
  *
  *   node dist/test/bench/floor-retries.js <seeded db copy> <due epoch ms>
  */
-import * as sqlite3 from 'sqlite3';
+import Database from 'better-sqlite3';
 import { SQLITE_PRAGMAS } from '../../src/db/engine';
 
-const all = <T>(db: sqlite3.Database, sql: string, params: unknown[] = []) =>
-  new Promise<T[]>((resolve, reject) => db.all(sql, params, (err, rows) => (err ? reject(err) : resolve(rows as T[]))));
-const exec = (db: sqlite3.Database, sql: string) => new Promise<void>((resolve, reject) => db.exec(sql, (err) => (err ? reject(err) : resolve())));
+const all = <T>(db: Database.Database, sql: string, params: unknown[] = []) => db.prepare(sql).all(params) as T[];
+const run = (db: Database.Database, sql: string, params: unknown[] = []) => db.prepare(sql).run(params);
 
 /** Rows per statement so that no statement binds more than 30,000 parameters. */
 const per = (columns: number) => Math.floor(30_000 / columns);
 
-async function main(): Promise<void> {
+function main(): void {
   const [file, dueArg] = process.argv.slice(2);
   const due = Number(dueArg);
-  const db = new sqlite3.Database(file);
-  await exec(db, SQLITE_PRAGMAS);
+  const db = new Database(file);
+  db.exec(SQLITE_PRAGMAS);
   const t0 = performance.now();
-  await exec(db, 'begin');
-  const records = await all<{ id: number; user_id: number; amount: string; attempt_count: number }>(
+  db.exec('begin');
+  const records = all<{ id: number; user_id: number; amount: string; attempt_count: number }>(
     db,
     `select id, user_id, cast(amount as text) as amount, attempt_count from billing_records where status = 'PENDING' and next_attempt_at <= ? order by next_attempt_at, id`,
     [due],
@@ -34,7 +33,7 @@ async function main(): Promise<void> {
   const balances = new Map<number, bigint>();
   for (let i = 0; i < users.length; i += per(1)) {
     const part = users.slice(i, i + per(1));
-    const rows = await all<{ user_id: number; balance: string }>(
+    const rows = all<{ user_id: number; balance: string }>(
       db,
       `select user_id, cast(balance as text) as balance from wallets where user_id in (${part.map(() => '?').join(', ')})`,
       part,
@@ -52,7 +51,7 @@ async function main(): Promise<void> {
   const wallets = [...debits.entries()];
   for (let i = 0; i < wallets.length; i += per(2)) {
     const part = wallets.slice(i, i + per(2));
-    await all(
+    run(
       db,
       `update wallets set balance = wallets.balance - v.amount, updated_at = ${due}
        from (select column1 as user_id, column2 as amount from (values ${part.map(() => '(?, cast(? as bigint))').join(', ')}) as t) as v
@@ -62,7 +61,7 @@ async function main(): Promise<void> {
   }
   for (let i = 0; i < ledger.length; i += per(5)) {
     const part = ledger.slice(i, i + per(5));
-    await all(
+    run(
       db,
       `insert into wallet_transactions (user_id, type, amount, balance_after, billing_record_id, request_id, created_at)
        values ${part.map(() => `(?, 'DEBIT', cast(? as bigint), cast(? as bigint), ?, null, ?)`).join(', ')}`,
@@ -71,7 +70,7 @@ async function main(): Promise<void> {
   }
   for (let i = 0; i < records.length; i += per(2)) {
     const part = records.slice(i, i + per(2));
-    await all(
+    run(
       db,
       `update billing_records set status = 'PAID', paid_at = ${due}, updated_at = ${due}, attempt_count = v.attempt_count + 1,
          next_attempt_at = null, failure_reason = ''
@@ -80,14 +79,16 @@ async function main(): Promise<void> {
       part.flatMap((r) => [r.id, r.attempt_count]),
     );
   }
-  await exec(db, 'commit');
+  db.exec('commit');
   const ms = performance.now() - t0;
-  const [{ n }] = await all<{ n: number }>(db, `select count(*) as n from billing_records where status = 'PAID'`);
-  await new Promise<void>((r) => db.close(() => r()));
+  const [{ n }] = all<{ n: number }>(db, `select count(*) as n from billing_records where status = 'PAID'`);
+  db.close();
   process.stdout.write(JSON.stringify({ records: records.length, paid: n, ms }) + '\n');
 }
 
-main().catch((err: unknown) => {
+try {
+  main();
+} catch (err: unknown) {
   process.stderr.write(`retry floor failed: ${(err as Error)?.stack ?? String(err)}\n`);
   process.exit(1);
-});
+}

@@ -1,7 +1,7 @@
 /**
  * The RPC floor with the service's driver: a grpc-js server (the service's
  * default options) whose GetBalance and AddFunds do the same SQL as the
- * service on the same SQLite file and pragmas with raw node-sqlite3 prepared
+ * service on the same SQLite file and pragmas with raw better-sqlite3 prepared
  * statements: no ORM, no per-call unit of work, no log line, no idempotency
  * or settlement. What the service could reach on this driver at best.
  *
@@ -11,7 +11,7 @@
  * service's request and response messages.
  */
 import * as grpc from '@grpc/grpc-js';
-import * as sqlite3 from 'sqlite3';
+import Database from 'better-sqlite3';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 import { DEFAULT_GRPC_LIMITS } from '../../src/config';
 import { SQLITE_PRAGMAS } from '../../src/db/engine';
@@ -23,7 +23,7 @@ export const FLOOR_ADD_FUNDS = '/bench.v1.Floor/AddFunds';
 
 function main(): void {
   const port = Number(process.argv[2] ?? 0);
-  const db = new sqlite3.Database(process.argv[3]);
+  const db = new Database(process.argv[3]);
   db.exec(SQLITE_PRAGMAS);
   const read = db.prepare(
     `select cast(w.balance as text) as balance, w.created_at, w.updated_at
@@ -36,12 +36,13 @@ function main(): void {
     `insert into wallet_transactions (user_id, type, amount, balance_after, billing_record_id, request_id, created_at)
      values (?, 'CREDIT', cast(? as bigint), cast(? as bigint), null, null, ?) returning id`,
   );
-  const run = (sql: string) => new Promise<void>((resolve, reject) => db.run(sql, (err) => (err ? reject(err) : resolve())));
-  // all(), not get(): a statement stepped once is still running and would block the COMMIT.
-  const get = <T>(stmt: sqlite3.Statement, params: unknown[]) =>
-    new Promise<T | undefined>((resolve, reject) => stmt.all(params, (err, rows) => (err ? reject(err) : resolve(rows[0] as T))));
-  // One writer at a time, as with the service's single pooled connection.
-  let writes: Promise<unknown> = Promise.resolve();
+  // better-sqlite3 is synchronous: each call runs to its end on the event loop, one writer at a time.
+  const addFunds = db.transaction((amount: string, now: number, userId: number) => {
+    const w = credit.get(amount, now, userId) as { balance: string; created_at: number } | undefined;
+    if (!w) throw new Error('no wallet');
+    const t = ledger.get(userId, amount, w.balance, now) as { id: number };
+    return { w, t };
+  });
 
   const server = new grpc.Server(serverOptions(DEFAULT_GRPC_LIMITS));
   const identity = (b: Buffer) => b;
@@ -59,55 +60,45 @@ function main(): void {
     {
       GetBalance: (call: grpc.ServerUnaryCall<Buffer, Buffer>, cb: grpc.sendUnaryData<Buffer>) => {
         const req = walletPb.GetBalanceRequest.decode(call.request);
-        get<{ balance: string }>(read, [Number(req.userId)]).then(
-          (row) => {
-            if (!row) return cb({ code: grpc.status.NOT_FOUND });
-            cb(null, Buffer.from(walletPb.GetBalanceResponse.encode({ balance: microsToMoney(BigInt(row.balance), 'USD') }).finish()));
-          },
-          (err: Error) => cb({ code: grpc.status.INTERNAL, details: err.message }),
-        );
+        let row: { balance: string } | undefined;
+        try {
+          row = read.get(Number(req.userId)) as { balance: string } | undefined;
+        } catch (err) {
+          return cb({ code: grpc.status.INTERNAL, details: (err as Error).message });
+        }
+        if (!row) return cb({ code: grpc.status.NOT_FOUND });
+        cb(null, Buffer.from(walletPb.GetBalanceResponse.encode({ balance: microsToMoney(BigInt(row.balance), 'USD') }).finish()));
       },
       AddFunds: (call: grpc.ServerUnaryCall<Buffer, Buffer>, cb: grpc.sendUnaryData<Buffer>) => {
         const req = walletPb.AddFundsRequest.decode(call.request);
         const userId = Number(req.userId);
         const amount = moneyToMicros(req.amount, 'USD', 'amount');
         const now = Date.now();
-        const work = writes.then(async () => {
-          await run('begin');
-          try {
-            const w = await get<{ balance: string; created_at: number }>(credit, [amount.toString(), now, userId]);
-            if (!w) throw new Error('no wallet');
-            const t = await get<{ id: number }>(ledger, [userId, amount.toString(), w.balance, now]);
-            await run('commit');
-            return { w, t: t! };
-          } catch (err) {
-            await run('rollback');
-            throw err;
-          }
-        });
-        writes = work.catch(() => undefined);
-        work.then(
-          ({ w, t }) =>
-            cb(
-              null,
-              Buffer.from(
-                walletPb.AddFundsResponse.encode({
-                  wallet: { userId: req.userId, balance: microsToMoney(BigInt(w.balance), 'USD'), createTime: new Date(w.created_at), updateTime: new Date(now) },
-                  transaction: {
-                    id: BigInt(t.id),
-                    userId: req.userId,
-                    type: walletPb.WalletTransactionType.WALLET_TRANSACTION_TYPE_CREDIT,
-                    amount: microsToMoney(amount, 'USD'),
-                    balanceAfter: microsToMoney(BigInt(w.balance), 'USD'),
-                    billingRecordId: 0n,
-                    requestId: '',
-                    createTime: new Date(now),
-                  },
-                  settledBillingRecordIds: [],
-                }).finish(),
-              ),
-            ),
-          (err: Error) => cb({ code: grpc.status.INTERNAL, details: err.message }),
+        let done: { w: { balance: string; created_at: number }; t: { id: number } };
+        try {
+          done = addFunds(amount.toString(), now, userId);
+        } catch (err) {
+          return cb({ code: grpc.status.INTERNAL, details: (err as Error).message });
+        }
+        const { w, t } = done;
+        cb(
+          null,
+          Buffer.from(
+            walletPb.AddFundsResponse.encode({
+              wallet: { userId: req.userId, balance: microsToMoney(BigInt(w.balance), 'USD'), createTime: new Date(w.created_at), updateTime: new Date(now) },
+              transaction: {
+                id: BigInt(t.id),
+                userId: req.userId,
+                type: walletPb.WalletTransactionType.WALLET_TRANSACTION_TYPE_CREDIT,
+                amount: microsToMoney(amount, 'USD'),
+                balanceAfter: microsToMoney(BigInt(w.balance), 'USD'),
+                billingRecordId: 0n,
+                requestId: '',
+                createTime: new Date(now),
+              },
+              settledBillingRecordIds: [],
+            }).finish(),
+          ),
         );
       },
     },
@@ -116,7 +107,12 @@ function main(): void {
     if (err) throw err;
     process.stdout.write(`ready ${bound}\n`);
   });
-  process.on('SIGTERM', () => server.tryShutdown(() => db.close(() => process.exit(0))));
+  process.on('SIGTERM', () =>
+    server.tryShutdown(() => {
+      db.close();
+      process.exit(0);
+    }),
+  );
 }
 
 if (require.main === module) main();

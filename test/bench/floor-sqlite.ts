@@ -1,7 +1,7 @@
 /**
  * The ingestion floor: a minimal raw script that puts the same rows the
- * service stores into the same schema with the same driver (node-sqlite3, the
- * `sqlite3` package under @mikro-orm/sqlite), the service's pragmas, one
+ * service stores into the same schema with the same driver (better-sqlite3, the
+ * package under @mikro-orm/better-sqlite), the service's pragmas, one
  * transaction and multi-row prepared INSERTs.
  *
  *   node dist/test/bench/floor-sqlite.js <usage file> <migrated db> <scratch db> [rows per statement] [extra pragmas]
@@ -15,23 +15,10 @@
  */
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
-import * as sqlite3 from 'sqlite3';
+import Database from 'better-sqlite3';
 import { SQLITE_PRAGMAS } from '../../src/db/engine';
 
 const COLUMNS = ['dedup_key', 'user_id', 'service', 'quantity', 'usage_at', 'status', 'reason', 'billing_record_id', 'job_run_id', 'ingested_at'];
-
-function run(db: sqlite3.Database, sql: string, params: unknown[] = []): Promise<void> {
-  return new Promise((resolve, reject) => db.run(sql, params, (err) => (err ? reject(err) : resolve())));
-}
-function all<T>(db: sqlite3.Database, sql: string, params: unknown[] = []): Promise<T[]> {
-  return new Promise((resolve, reject) => db.all(sql, params, (err, rows) => (err ? reject(err) : resolve(rows as T[]))));
-}
-function exec(db: sqlite3.Database, sql: string): Promise<void> {
-  return new Promise((resolve, reject) => db.exec(sql, (err) => (err ? reject(err) : resolve())));
-}
-function stmtRun(stmt: sqlite3.Statement, params: unknown[]): Promise<void> {
-  return new Promise((resolve, reject) => stmt.run(params, (err) => (err ? reject(err) : resolve())));
-}
 
 /** "12.5" -> "12500000" (quantity scaled by 10^6), enough for the generated files. */
 function scaled(text: string): string {
@@ -46,17 +33,16 @@ async function main(): Promise<void> {
   const sampler = setInterval(() => (peak = Math.max(peak, process.memoryUsage.rss())), 20);
 
   // Same schema as the service's (copied from a migrated database).
-  const src = new sqlite3.Database(schemaDb, sqlite3.OPEN_READONLY);
-  const ddl = await all<{ sql: string }>(
-    src,
-    `select sql from sqlite_master where sql is not null and name not like 'sqlite_%' order by case type when 'table' then 0 else 1 end, rowid`,
-  );
-  await new Promise<void>((r) => src.close(() => r()));
+  const src = new Database(schemaDb, { readonly: true });
+  const ddl = src
+    .prepare(`select sql from sqlite_master where sql is not null and name not like 'sqlite_%' order by case type when 'table' then 0 else 1 end, rowid`)
+    .all() as { sql: string }[];
+  src.close();
   for (const suffix of ['', '-wal', '-shm']) fs.rmSync(scratch + suffix, { force: true });
-  const db = new sqlite3.Database(scratch);
-  await exec(db, SQLITE_PRAGMAS);
-  for (const { sql } of ddl) await exec(db, sql);
-  if (extraPragmas) await exec(db, extraPragmas); // experiments only: pragmas or schema changes after the copy
+  const db = new Database(scratch);
+  db.exec(SQLITE_PRAGMAS);
+  for (const { sql } of ddl) db.exec(sql);
+  if (extraPragmas) db.exec(extraPragmas); // experiments only: pragmas or schema changes after the copy
 
   const t0 = performance.now();
   // Read and build the rows: JSON.parse, content hash, occurrence number.
@@ -83,27 +69,23 @@ async function main(): Promise<void> {
 
   // Users, their records and the job run the rows point at (foreign keys are on); not timed.
   const userIds = [...users].sort((a, b) => a - b);
-  await exec(db, 'begin');
-  await run(db, `insert into job_runs (id, kind, status, trigger, started_at) values (1, 'PROCESS_LOGS', 'RUNNING', 'bench', ?)`, [now]);
+  db.exec('begin');
+  db.prepare(`insert into job_runs (id, kind, status, trigger, started_at) values (1, 'PROCESS_LOGS', 'RUNNING', 'bench', ?)`).run(now);
   for (let i = 0; i < userIds.length; i += 500) {
     const ids = userIds.slice(i, i + 500);
-    await run(
-      db,
-      `insert into users (id, email, name, status, created_at, updated_at) values ${ids.map(() => `(?, ?, 'u', 'ACTIVE', 0, 0)`).join(', ')}`,
+    db.prepare(`insert into users (id, email, name, status, created_at, updated_at) values ${ids.map(() => `(?, ?, 'u', 'ACTIVE', 0, 0)`).join(', ')}`).run(
       ids.flatMap((id) => [id, `u${id}@x`]),
     );
-    await run(
-      db,
+    db.prepare(
       `insert into billing_records (id, user_id, kind, amount, status, description, created_at, updated_at) values ${ids
         .map(() => `(?, ?, 'USAGE', 0, 'PAID', '', 0, 0)`)
         .join(', ')}`,
-      ids.flatMap((id) => [id, id]),
-    );
+    ).run(ids.flatMap((id) => [id, id]));
   }
-  await exec(db, 'commit');
+  db.exec('commit');
 
   const t2 = performance.now();
-  await exec(db, 'begin');
+  db.exec('begin');
   const placeholders = (n: number) => Array.from({ length: n }, () => `(${COLUMNS.map(() => '?').join(', ')})`).join(', ');
   const sql = (n: number) => `insert into usage_logs (${COLUMNS.join(', ')}) values ${placeholders(n)} on conflict (dedup_key) do nothing`;
   const stmt = db.prepare(sql(rowsPerStmt));
@@ -111,14 +93,13 @@ async function main(): Promise<void> {
   for (; i + rowsPerStmt <= rows.length; i += rowsPerStmt) {
     const params: unknown[] = [];
     for (let k = i; k < i + rowsPerStmt; k++) params.push(...rows[k]);
-    await stmtRun(stmt, params);
+    stmt.run(params);
   }
-  await new Promise<void>((r) => stmt.finalize(() => r()));
-  if (i < rows.length) await run(db, sql(rows.length - i), rows.slice(i).flat());
-  await exec(db, 'commit');
+  if (i < rows.length) db.prepare(sql(rows.length - i)).run(rows.slice(i).flat());
+  db.exec('commit');
   const t3 = performance.now();
-  const [{ n }] = await all<{ n: number }>(db, 'select count(*) as n from usage_logs');
-  await new Promise<void>((r) => db.close(() => r()));
+  const { n } = db.prepare('select count(*) as n from usage_logs').get() as { n: number };
+  db.close();
   clearInterval(sampler);
   for (const suffix of ['', '-wal', '-shm']) fs.rmSync(scratch + suffix, { force: true });
   process.stdout.write(

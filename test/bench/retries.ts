@@ -5,7 +5,7 @@
  * a crash. Reports the time to drain (T to the last commit the bench sees) and
  * how late each retry fired: paid_at (the service's clock when it charged)
  * minus T, and the commit time the bench observed by polling every 10 ms.
- * On SQLite the floor (floor-retries.ts: the same writes by a raw node-sqlite3
+ * On SQLite the floor (floor-retries.ts: the same writes by a raw better-sqlite3
  * script in one transaction, on a copy of the same seeded database) runs in
  * the same run.
  */

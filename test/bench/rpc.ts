@@ -6,7 +6,7 @@
  * the service and, in the same run, against a trivial grpc-js handler
  * (trivial-server.ts); the ratio is calls/s over the trivial handler's at the
  * same concurrency. On SQLite a floor server (floor-server.ts: the same SQL
- * with raw node-sqlite3 behind grpc-js) is measured the same way for
+ * with raw better-sqlite3 behind grpc-js) is measured the same way for
  * GetBalance and AddFunds (ratioToFloor). h2load only sees HTTP 200, so every body is first sent
  * through a grpc-js client to check it really succeeds (grpc-status 0, or the
  * documented status for the cheap paths), and write RPCs are cross-checked
@@ -365,7 +365,7 @@ export async function runRpc(opts: BenchOptions): Promise<{ h2load: H2Row[]; cli
         }
         const floorRate = new Map<string, number>();
         if (db.file) {
-          // The same SQL with raw node-sqlite3 behind grpc-js: what this driver allows (user 3, untouched otherwise).
+          // The same SQL with raw better-sqlite3 behind grpc-js: what this driver allows (user 3, untouched otherwise).
           floor = await startHelper('floor-server.js', [db.file]);
           const floorBodies = [
             { rpc: 'GetBalance', path: FLOOR_GET_BALANCE, message: walletPb.GetBalanceRequest.encode({ userId: 3n }).finish() },
@@ -382,7 +382,7 @@ export async function runRpc(opts: BenchOptions): Promise<{ h2load: H2Row[]; cli
               const r = await h2loadAll(bin, [floor.port], f.path, file, level.c, level.m, seconds, dir);
               const triv = trivialRate.get(level.inFlight)!;
               floorRate.set(`${f.rpc}@${level.inFlight}`, r.callsPerS);
-              h2.push({ rpc: `floor: raw node-sqlite3 ${f.rpc}`, path: f.path, inFlight: level.inFlight, callsPerS: Math.round(r.callsPerS), p50Ms: round(r.p50Ms, 3), p99Ms: round(r.p99Ms, 3), failed: r.failed, trivialCallsPerS: Math.round(triv.callsPerS), ratio: round(r.callsPerS / triv.callsPerS, 3) });
+              h2.push({ rpc: `floor: raw better-sqlite3 ${f.rpc}`, path: f.path, inFlight: level.inFlight, callsPerS: Math.round(r.callsPerS), p50Ms: round(r.p50Ms, 3), p99Ms: round(r.p99Ms, 3), failed: r.failed, trivialCallsPerS: Math.round(triv.callsPerS), ratio: round(r.callsPerS / triv.callsPerS, 3) });
               log(`h2load floor ${f.rpc} @${level.inFlight}: ${Math.round(r.callsPerS)}/s`);
             }
           }

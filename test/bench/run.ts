@@ -79,7 +79,7 @@ async function main(): Promise<void> {
     if (opts.only.includes('ingest')) {
       const rows = await runIngest(opts);
       results.ingest = rows;
-      out.push(table(`Ingestion (ProcessLogs end to end, ${opts.db}; floor = raw node-sqlite3 script, same rows, one transaction)`, rows as never));
+      out.push(table(`Ingestion (ProcessLogs end to end, ${opts.db}; floor = raw better-sqlite3 script, same rows, one transaction)`, rows as never));
       save();
     }
     if (opts.only.includes('rpc')) {
