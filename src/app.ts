@@ -1,6 +1,7 @@
 /**
  * Composition root: config -> logger -> the database object -> repositories
- * (one door per table) -> services -> gRPC server -> retry scheduler -> cron.
+ * (one door per table) -> metrics (when METRICS_PORT is set) -> services ->
+ * metrics listener -> gRPC server -> retry scheduler -> cron.
  * main.ts adds signal handling; tests call startApp directly with port 0, a
  * temporary database and, when they need one, a clock.
  */
@@ -17,8 +18,11 @@ import { createCron, type Cron } from './jobs/cron';
 import { createJobRunsRepository } from './jobs/job-runs.repository';
 import { createJobsService } from './jobs/jobs.service';
 import { createRetryScheduler, type RetryScheduler } from './jobs/retry-scheduler';
+import { createPrometheusMetrics } from './ops/metrics';
+import { startMetricsServer, type MetricsServer } from './ops/metrics-server';
 import { systemClock, type Clock } from './shared/clock';
 import { createLogger } from './shared/logger';
+import { noMetrics } from './shared/metrics';
 import { createIngestService } from './usage/ingest';
 import { createUsageLogsRepository } from './usage/usage-logs.repository';
 import { createUsageService } from './usage/usage.service';
@@ -38,6 +42,8 @@ export interface App {
   cron: Cron | null;
   /** The port the gRPC server listens on (useful with GRPC_PORT=0). */
   port: number;
+  /** The port the metrics listener is on (useful with METRICS_PORT=0), or null when metrics are off. */
+  metricsPort: number | null;
   /** Graceful stop: NOT_SERVING, drain calls (bounded), stop jobs, close the database. */
   stop(): Promise<void>;
 }
@@ -63,6 +69,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
   const tokensFileMode = config.authTokensFile ? tokensFileWarning(config.authTokensFile) : null;
   const credentials = serverCredentials(config.tls);
   const db = await openDatabase(config.database, log);
+  let metricsServer: MetricsServer | null = null;
   try {
     // The doors: every table has one owner, and every write goes through its named methods.
     const idempotency = createIdempotencyKeys();
@@ -71,6 +78,9 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
     const records = createBillingRecordsRepository(db);
     const usageLogs = createUsageLogsRepository();
     const jobRuns = createJobRunsRepository(db);
+    // One registry per app, built only when metrics are on; otherwise every report goes nowhere.
+    const prometheus = config.metrics ? createPrometheusMetrics({ log, countPendingRetries: () => records.countPendingRetries() }) : null;
+    const metrics = prometheus ?? noMetrics;
 
     let scheduler: RetryScheduler | undefined;
     const charging = createCharging({
@@ -82,6 +92,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       ledger,
       users: userRows,
       onRetryScheduled: (at) => scheduler?.wake(at),
+      metrics,
     });
     const billing = createBillingService({ db, clock, log, records, ledger, users: userRows, charging, idempotency });
     const users = createUsersService({ db, clock, users: userRows, ledger, records, idempotency });
@@ -107,9 +118,10 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       records,
       ledger,
       billing,
+      metrics,
     });
     const usage = createUsageService({ usageLogs });
-    const jobs = createJobsService({ db, clock, log, jobRuns, ingest, billing, leaseMs: opts.jobLeaseMs });
+    const jobs = createJobsService({ db, clock, log, jobRuns, ingest, billing, leaseMs: opts.jobLeaseMs, metrics });
     scheduler = createRetryScheduler({ db, clock, log, billing, jobs, pollMs: opts.schedulerPollMs });
     const services: Services = { users, wallets, billing, usage, jobs };
 
@@ -122,7 +134,13 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       limits: config.limits,
       credentials,
       accessLog: config.accessLog,
+      metrics,
     });
+    if (config.metrics && prometheus) {
+      metricsServer = await startMetricsServer({ host: config.metrics.host, port: config.metrics.port, registry: prometheus.registry, log });
+      log.info({ host: config.metrics.host, metricsPort: metricsServer.port }, 'metrics listening');
+    }
+    const metricsPort = metricsServer?.port ?? null;
     const port = await grpc.bind(config.grpcHost, config.grpcPort);
     // SQLite belongs to this one process: a run still RUNNING was cut off by a previous stop.
     if (db.dialect === 'sqlite') await jobs.closeInterruptedRuns();
@@ -136,7 +154,10 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
     if (tokensFileMode) log.warn({ security: true, mode: tokensFileMode.mode }, tokensFileMode.message);
     const auth = tokens ? `tokens (${tokens.names.length})` : 'off';
     const transport = config.tls === null ? 'plaintext' : config.tls.clientCaFile === null ? 'tls' : 'mtls';
-    log.info({ host: config.grpcHost, port, database: db.dialect, auth, transport }, 'billing-service ready');
+    log.info(
+      { host: config.grpcHost, port, database: db.dialect, auth, transport, ...(metricsPort === null ? {} : { metricsPort }) },
+      'billing-service ready',
+    );
 
     let stopping: Promise<void> | undefined;
     const stop = () =>
@@ -147,11 +168,14 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
         await scheduler!.stop();
         await cron?.idle();
         await jobs.stopReaper();
+        // After the last job (its counts are in), before the database goes (the pending-retries gauge reads it).
+        await metricsServer?.close();
         await db.close();
         log.info('billing-service stopped');
       })());
-    return { config, log, db, services, grpc, scheduler, cron, port, stop };
+    return { config, log, db, services, grpc, scheduler, cron, port, metricsPort, stop };
   } catch (err) {
+    await metricsServer?.close();
     await db.close(true).catch(() => undefined);
     throw err;
   }

@@ -39,6 +39,17 @@ export interface Config {
   allowInsecure: boolean;
   /** Transport limits of the gRPC server. */
   limits: GrpcLimits;
+  /** The Prometheus listener (METRICS_PORT), or null when metrics are off (the default). */
+  metrics: MetricsConfig | null;
+}
+
+export interface MetricsConfig {
+  /** METRICS_HOST, loopback by default. */
+  host: string;
+  /** METRICS_PORT; 0 picks a free port (the ready line names it). */
+  port: number;
+  /** METRICS_ALLOW_REMOTE: a non-loopback METRICS_HOST is allowed (the listener has no authentication). */
+  allowRemote: boolean;
 }
 
 export interface TlsConfig {
@@ -197,6 +208,29 @@ export function isLoopbackHost(host: string): boolean {
  * warnings to log at start-up (empty for a safe setup).
  */
 export function checkExposure(config: Readonly<Config>): string[] {
+  return [...checkGrpcExposure(config), ...checkMetricsExposure(config)];
+}
+
+/**
+ * The metrics listener has neither authentication nor TLS, so a non-loopback
+ * METRICS_HOST needs METRICS_ALLOW_REMOTE=true (its own switch: allowing remote
+ * scrapes must not also allow an unauthenticated gRPC port, ALLOW_INSECURE's job).
+ */
+function checkMetricsExposure(config: Readonly<Config>): string[] {
+  const { metrics } = config;
+  if (metrics === null || isLoopbackHost(metrics.host)) return [];
+  const where = `METRICS_HOST=${metrics.host} is not a loopback address`;
+  if (!metrics.allowRemote) {
+    throw new ConfigError(
+      `${where}: the metrics listener has no authentication or TLS, so anyone who can reach the port could read ` +
+        'the metrics. Listen on 127.0.0.1 (and scrape through a local agent or a sidecar), ' +
+        'or set METRICS_ALLOW_REMOTE=true when a firewall or network policy limits who can connect',
+    );
+  }
+  return [`${where}: metrics are served without authentication to whoever can reach port ${metrics.port} (METRICS_ALLOW_REMOTE=true)`];
+}
+
+function checkGrpcExposure(config: Readonly<Config>): string[] {
   if (isLoopbackHost(config.grpcHost)) return [];
   const where = `GRPC_HOST=${config.grpcHost} is not a loopback address`;
   if (config.authTokensFile === null) {
@@ -216,6 +250,21 @@ export function checkExposure(config: Readonly<Config>): string[] {
     return [`${where} and TLS is off: bearer tokens and data travel in clear text. Set TLS_CERT_FILE and TLS_KEY_FILE.`];
   }
   return [];
+}
+
+function metrics(env: Env, grpcHost: string, grpcPort: number): MetricsConfig | null {
+  const hostRaw = env.METRICS_HOST?.trim();
+  const allowRemote = bool(env, 'METRICS_ALLOW_REMOTE', false);
+  if (env.METRICS_PORT === undefined || env.METRICS_PORT.trim() === '') {
+    if (hostRaw) throw new ConfigError('METRICS_HOST is set but METRICS_PORT is not; set METRICS_PORT to turn metrics on');
+    return null;
+  }
+  const port = int(env, 'METRICS_PORT', 0, 0, 65535);
+  const host = hostRaw || '127.0.0.1';
+  if (port !== 0 && port === grpcPort && host === grpcHost) {
+    throw new ConfigError(`METRICS_PORT must differ from GRPC_PORT (both ${port} on ${host})`);
+  }
+  return Object.freeze({ host, port, allowRemote });
 }
 
 function cron(env: Env): string | null {
@@ -247,9 +296,10 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   }
   const host = (env.GRPC_HOST ?? '127.0.0.1').trim();
   if (host === '') throw new ConfigError('GRPC_HOST must not be empty');
+  const grpcPort = int(env, 'GRPC_PORT', 50051, 0, 65535);
   return Object.freeze({
     grpcHost: host,
-    grpcPort: int(env, 'GRPC_PORT', 50051, 0, 65535),
+    grpcPort,
     database: database(env),
     logLevel,
     accessLog: bool(env, 'ACCESS_LOG', false),
@@ -266,5 +316,6 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     tls: tls(env),
     allowInsecure: bool(env, 'ALLOW_INSECURE', false),
     limits: Object.freeze(limits(env)),
+    metrics: metrics(env, host, grpcPort),
   });
 }

@@ -17,6 +17,7 @@ import type { Database, Tx } from '../db/database';
 import { isUniqueViolation } from '../db/errors';
 import type { Clock } from '../shared/clock';
 import { AppError, notFound } from '../shared/errors';
+import { noMetrics, type Metrics } from '../shared/metrics';
 import type { UsersRepository } from '../users/users.repository';
 import type { Debit, LedgerRepository } from '../wallets/ledger.repository';
 import type { ChargeOutcome, RetryCounts } from './billing.types';
@@ -49,6 +50,8 @@ export interface ChargingDeps {
   users: UsersRepository;
   /** Told whenever a retry is scheduled, so the in-process scheduler can wake up in time. */
   onRetryScheduled?: (at: Date) => void;
+  /** Told of every committed attempt that moved a record, and of every user it suspended (default: nobody). */
+  metrics?: Metrics;
 }
 
 /** Records charged per transaction by the batched path. */
@@ -66,6 +69,13 @@ const OUTCOME = { CHARGE: 'CHARGED', RETRY: 'RETRY_SCHEDULED', FAIL: 'FAILED' } 
 
 export function createCharging(deps: ChargingDeps): Charging {
   const { db, clock, log, policy, records, ledger, users } = deps;
+  const metrics = deps.metrics ?? noMetrics;
+
+  /** After the commit only: a rolled-back attempt charged nobody. */
+  function observe(outcome: ChargeOutcome | 'SKIPPED', trigger: ChargeTrigger, userSuspended: boolean): void {
+    if (outcome === 'CHARGED' || outcome === 'RETRY_SCHEDULED' || outcome === 'FAILED') metrics.chargeAttempted(outcome, trigger);
+    if (userSuspended) metrics.userSuspended();
+  }
 
   /**
    * Decides and writes the attempts on `rows` (in order, each against the
@@ -131,6 +141,7 @@ export function createCharging(deps: ChargingDeps): Charging {
         });
         if (done.retryAt !== null) deps.onRetryScheduled?.(new Date(done.retryAt));
         const { outcome } = done.outcomes[0];
+        observe(outcome, trigger, done.suspended.has(id));
         if (outcome !== 'SKIPPED') log.info({ billingRecordId: id, trigger, outcome }, 'charge attempt');
         return { outcome, userSuspended: done.suspended.has(id) };
       } catch (err) {
@@ -168,7 +179,10 @@ export function createCharging(deps: ChargingDeps): Charging {
           });
           if (done.retryAt !== null) deps.onRetryScheduled?.(new Date(done.retryAt));
           const batch = emptyRetryCounts();
-          for (const { id, outcome } of done.outcomes) tally(batch, outcome, done.suspended.has(id));
+          for (const { id, outcome } of done.outcomes) {
+            tally(batch, outcome, done.suspended.has(id));
+            observe(outcome, trigger, done.suspended.has(id));
+          }
           addCounts(counts, batch);
           log.info({ trigger, records: chunk.length, ...batch }, 'charge attempts (batch)');
         } catch (err) {

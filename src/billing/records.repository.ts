@@ -94,6 +94,8 @@ export interface BillingRecordsRepository {
   dueIds(em: EntityManager, now: Date, limit: number): Promise<number[]>;
   /** When the earliest scheduled retry is due, or null. */
   nextDueTime(em: EntityManager): Promise<Date | null>;
+  /** How many records wait PENDING for a retry (attempted at least once), committed now; one read, no write. */
+  countPendingRetries(): Promise<number>;
   /**
    * Users with an unpaid record (already attempted: new records are charged by
    * whoever created them) that their open wallet can pay now.
@@ -349,6 +351,14 @@ export function createBillingRecordsRepository(db: Database): BillingRecordsRepo
       const rows = await em.execute<{ at: number | string | null }[]>(`select min(next_attempt_at) as at from billing_records where status = 'PENDING'`);
       const at = rows[0]?.at;
       return at === null || at === undefined ? null : epochMs(at);
+    },
+
+    async countPendingRetries() {
+      const [row] = await db.read<{ n: number | string }>(
+        `select count(*) as n from billing_records where status = 'PENDING' and attempt_count > 0`,
+        [],
+      );
+      return Number(row?.n ?? 0);
     },
 
     async settleableUsers(limit) {

@@ -17,12 +17,15 @@
  *   info for money-moving calls or with the access log on, else debug).
  *   `caller` is the name of the token that authenticated the call (never the
  *   token), when authentication is on.
+ * - Every answered call is reported to the metrics (method, status code,
+ *   duration), as it is logged.
  */
 import * as grpc from '@grpc/grpc-js';
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Logger } from 'pino';
 import type { CallContext as DomainContext } from '../shared/context';
 import { AppError } from '../shared/errors';
+import { noMetrics, type Metrics } from '../shared/metrics';
 import { checkRequestStrings } from './request-strings';
 import { rpcLogLevel } from './rpc-log';
 import { describeError, INTERNAL_MESSAGE, INTERNAL_REASON, type ErrorStatus } from './status';
@@ -45,11 +48,13 @@ export interface AdapterDeps {
   callerOf?: (metadata: grpc.Metadata) => string | undefined;
   /** ACCESS_LOG: every call gets an info line (default false; see ./rpc-log.ts). */
   accessLog?: boolean;
+  /** Where every answered call is counted (default: nowhere). */
+  metrics?: Metrics;
 }
 
 /** Builds `unary(name, handler)` over the given root entity manager and logger. */
 export function createUnary(deps: AdapterDeps): Unary {
-  const { fork, log, callerOf = () => undefined, accessLog = false } = deps;
+  const { fork, log, callerOf = () => undefined, accessLog = false, metrics = noMetrics } = deps;
 
   return <Req, Res>(name: string, handler: UnaryHandler<Req, Res>): grpc.handleUnaryCall<Req, Res> =>
     (call, callback) => {
@@ -62,8 +67,10 @@ export function createUnary(deps: AdapterDeps): Unary {
         if (answered) return;
         answered = true;
         callback(null, response);
+        const elapsedMs = durationMs();
+        metrics.rpcFinished(name, 'OK', elapsedMs / 1000);
         const level = rpcLogLevel({ method: name, code: grpc.status.OK, refused: false }, accessLog);
-        if (log.isLevelEnabled(level)) log[level]({ method: name, code: 'OK', caller, durationMs: durationMs() }, 'rpc');
+        if (log.isLevelEnabled(level)) log[level]({ method: name, code: 'OK', caller, durationMs: elapsedMs }, 'rpc');
       };
 
       const fail = (err: unknown) => {
@@ -77,9 +84,11 @@ export function createUnary(deps: AdapterDeps): Unary {
           status = { code: grpc.status.INTERNAL, details: INTERNAL_MESSAGE, metadata: new grpc.Metadata(), reason: INTERNAL_REASON };
         }
         callback({ code: status.code, details: status.details, metadata: status.metadata });
+        const elapsedMs = durationMs();
+        metrics.rpcFinished(name, grpc.status[status.code], elapsedMs / 1000);
         const level = rpcLogLevel({ method: name, code: status.code, refused: false }, accessLog);
         if (log.isLevelEnabled(level)) {
-          log[level]({ method: name, code: grpc.status[status.code], reason: status.reason, caller, durationMs: durationMs() }, 'rpc');
+          log[level]({ method: name, code: grpc.status[status.code], reason: status.reason, caller, durationMs: elapsedMs }, 'rpc');
         }
       };
 

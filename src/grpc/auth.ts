@@ -20,7 +20,8 @@
  *   handler, and no token ever goes to a log: only the caller's name does.
  * - A refused call's `rpc` line is written only with the access log on
  *   (ACCESS_LOG=true) or at LOG_LEVEL=debug (./rpc-log.ts): a client retrying
- *   with a bad token must not flood the log.
+ *   with a bad token must not flood the log. It is always counted in the
+ *   metrics (billing_rpc_calls_total), so refusals show there instead.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import * as fs from 'node:fs';
@@ -28,6 +29,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { ConfigError } from '../config';
 import { AppError } from '../shared/errors';
+import { noMetrics, type Metrics } from '../shared/metrics';
 import { takeDroppedHeaders } from './grpc-log';
 import { rpcLogLevel } from './rpc-log';
 import { describeError } from './status';
@@ -295,6 +297,8 @@ export interface AuthInterceptorDeps {
   callers: WeakMap<grpc.Metadata, Caller>;
   /** ACCESS_LOG: refused calls get an info line too (default false; see ./rpc-log.ts). */
   accessLog?: boolean;
+  /** Where refused calls are counted, as the adapter counts the admitted ones (default: nowhere). */
+  metrics?: Metrics;
 }
 
 /**
@@ -304,7 +308,7 @@ export interface AuthInterceptorDeps {
  * reaches the adapter.
  */
 export function createAuthInterceptor(deps: AuthInterceptorDeps): grpc.ServerInterceptor {
-  const { tokens, log, callers, accessLog = false } = deps;
+  const { tokens, log, callers, accessLog = false, metrics = noMetrics } = deps;
   return (method, call) => {
     // Taken now, while grpc-js is still setting up this call: later it could be another call's.
     const headerDropped = takeDroppedHeaders().includes('authorization');
@@ -325,6 +329,8 @@ export function createAuthInterceptor(deps: AuthInterceptorDeps): grpc.ServerInt
             // half-close, so the handler never starts.
             const status = describeError(verdict.error, log);
             call.sendStatus({ code: status.code, details: status.details, metadata: status.metadata });
+            const durationMs = Number(process.hrtime.bigint() - started) / 1e6;
+            metrics.rpcFinished(methodOf(method.path), grpc.status[status.code], durationMs / 1000);
             const level = rpcLogLevel({ method: methodOf(method.path), code: status.code, refused: true }, accessLog);
             if (!log.isLevelEnabled(level)) return;
             log[level](
@@ -334,7 +340,7 @@ export function createAuthInterceptor(deps: AuthInterceptorDeps): grpc.ServerInt
                 reason: status.reason,
                 caller: verdict.caller?.name,
                 peer: call.getPeer(),
-                durationMs: Number(process.hrtime.bigint() - started) / 1e6,
+                durationMs,
               },
               'rpc',
             );

@@ -20,6 +20,7 @@ import type { JobsService } from '../jobs/jobs.types';
 import type { UsageService } from '../usage/usage.service';
 import type { UsersService } from '../users/users.service';
 import type { WalletsService } from '../wallets/wallets.service';
+import type { Metrics } from '../shared/metrics';
 import { ConfigError, DEFAULT_GRPC_LIMITS, type GrpcLimits, type TlsConfig } from '../config';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
@@ -70,6 +71,8 @@ export interface GrpcServerDeps {
   credentials?: grpc.ServerCredentials;
   /** ACCESS_LOG: one info line for every call (default false; see ./rpc-log.ts). */
   accessLog?: boolean;
+  /** Where every unary call of the billing services is counted, refused ones too (default: nowhere). */
+  metrics?: Metrics;
 }
 
 /** The grpc-js options for the limits (only options the grpc-js server honours). */
@@ -134,7 +137,7 @@ export const SERVICE_NAMES: readonly string[] = [
 ];
 
 export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
-  const { fork, services, log, currency, accessLog = false } = deps;
+  const { fork, services, log, currency, accessLog = false, metrics } = deps;
   // grpc-js's own messages (which can quote request headers) go to pino, redacted, from now on.
   installGrpcLogger(log);
   const credentials = deps.credentials ?? grpc.ServerCredentials.createInsecure();
@@ -148,10 +151,10 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
       maxOpenCallsPerConnection: limits.maxOpenCallsPerConnection,
       maxReceiveMessageBytes: limits.maxReceiveMessageBytes,
     }),
-    ...(deps.tokens ? [createAuthInterceptor({ tokens: deps.tokens, log, callers, accessLog })] : []),
+    ...(deps.tokens ? [createAuthInterceptor({ tokens: deps.tokens, log, callers, accessLog, metrics })] : []),
   ];
   const server = new grpc.Server({ ...serverOptions(limits), interceptors });
-  const unary = createUnary({ fork, log, callerOf: (metadata) => callers.get(metadata)?.name, accessLog });
+  const unary = createUnary({ fork, log, callerOf: (metadata) => callers.get(metadata)?.name, accessLog, metrics });
 
   server.addService(userPb.UserServiceService, createUserHandlers({ unary, users: services.users }));
   server.addService(walletPb.WalletServiceService, createWalletHandlers({ unary, wallets: services.wallets, currency }));

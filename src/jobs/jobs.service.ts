@@ -8,6 +8,7 @@ import type { Database } from '../db/database';
 import type { BillingService } from '../billing/billing.service';
 import { isTransientDbError } from '../db/errors';
 import type { Clock } from '../shared/clock';
+import { noMetrics, type Metrics } from '../shared/metrics';
 import { readPage } from '../shared/paging';
 import { UsageFileUnusable, type IngestService } from '../usage/ingest';
 import { countsOf, type JobCounts, type JobKind, type JobRun } from './job-run.entity';
@@ -27,6 +28,8 @@ export interface JobsDeps {
    * heartbeat is older than this (its owner died or lost the database).
    */
   leaseMs?: number;
+  /** Told how long each finished run took, by kind and status (default: nobody). */
+  metrics?: Metrics;
 }
 
 /** How long closing a run keeps trying while the database is away, before the lease takes over. */
@@ -54,6 +57,7 @@ function describe(err: unknown): string {
 export function createJobsService(deps: JobsDeps): JobsService {
   const { db, clock, log, jobRuns } = deps;
   const leaseMs = deps.leaseMs ?? 60_000;
+  const metrics = deps.metrics ?? noMetrics;
   const inFlight = new Map<JobKind, Promise<JobRun | null>>();
   /** Runs this process is executing: never reaped here, whatever their heartbeat says. */
   const mine = new Set<number>();
@@ -113,6 +117,8 @@ export function createJobsService(deps: JobsDeps): JobsService {
       return null;
     }
     mine.add(run.id);
+    // Wall time, not the (injectable) clock: how long the run really took.
+    const started = performance.now();
     const stopHeartbeat = heartbeat(run.id);
     try {
       if (kind === 'PROCESS_LOGS' || kind === 'PROCESS_ALL') await processLogs(run);
@@ -133,6 +139,7 @@ export function createJobsService(deps: JobsDeps): JobsService {
       stopHeartbeat();
       mine.delete(run.id);
     }
+    metrics.jobRunFinished(run.kind, run.status, (performance.now() - started) / 1000);
     log.info({ jobRunId: run.id, kind, trigger, status: run.status, ...countsOf(run) }, 'job run finished');
     return run;
   }

@@ -28,6 +28,7 @@ import type { BillingService } from '../billing/billing.service';
 import type { BillingRecordsRepository, UsageRecordDraft } from '../billing/records.repository';
 import type { Database, Tx } from '../db/database';
 import type { Clock } from '../shared/clock';
+import { noMetrics, type Metrics } from '../shared/metrics';
 import { formatDecimal, INT64_MAX, lineAmount, QUANTITY_SCALE } from '../shared/money';
 import type { LedgerRepository } from '../wallets/ledger.repository';
 import { rejectedIdentity, usageIdentity, validateEntry, type IdentityKind } from './entries';
@@ -68,6 +69,8 @@ export interface IngestDeps {
   records: BillingRecordsRepository;
   ledger: LedgerRepository;
   billing: Pick<BillingService, 'chargeNewRecords'>;
+  /** Told of each sealed run's new entries (default: nobody). */
+  metrics?: Metrics;
 }
 
 /** The file cannot be used: nothing of it was billed. */
@@ -156,6 +159,7 @@ interface Candidate {
 
 export function createIngestService(deps: IngestDeps): IngestService {
   const { db, clock, log, pricing, usageLogs, records, ledger } = deps;
+  const metrics = deps.metrics ?? noMetrics;
   const pricedServices = [...pricing.keys()];
 
   /**
@@ -175,6 +179,8 @@ export function createIngestService(deps: IngestDeps): IngestService {
     const earlier = new Map<number, number[]>();
     let accepted = 0;
     let rejected = 0;
+    /** Of the accepted: stored BILLED (the rest are stored PENDING). */
+    let billed = 0;
 
     /**
      * Adds a billable entry to its user's line for the service, unless that
@@ -349,6 +355,7 @@ export function createIngestService(deps: IngestDeps): IngestService {
           if (c.userId === null) rejected++;
           else accepted++;
           const status = c.userId === null ? 'REJECTED' : reasons[i] === '' ? 'BILLED' : 'PENDING';
+          if (status === 'BILLED') billed++;
           return {
             dedupKey: c.key,
             userId: c.userId,
@@ -370,7 +377,7 @@ export function createIngestService(deps: IngestDeps): IngestService {
        * makes them due, bills the earlier PENDING usage that joined them, and
        * marks the run SEALED, all in `tx`. Returns the record ids.
        */
-      async seal(tx: Tx): Promise<{ ids: number[]; accepted: number; rejected: number; pending: number }> {
+      async seal(tx: Tx): Promise<{ ids: number[]; accepted: number; billed: number; rejected: number; pending: number }> {
         const drafts: UsageRecordDraft[] = [];
         for (const [userId, recordId] of recordOf) {
           const lines = [...totals.get(userId)!.entries()]
@@ -387,7 +394,7 @@ export function createIngestService(deps: IngestDeps): IngestService {
         }
         const pending = await usageLogs.explainPending(tx, jobRunId, pricedServices, OVER_RECORD_LIMIT);
         await usageLogs.sealRun(tx, jobRunId);
-        return { ids: drafts.map((d) => d.id).sort((a, b) => a - b), accepted, rejected, pending };
+        return { ids: drafts.map((d) => d.id).sort((a, b) => a - b), accepted, billed, rejected, pending };
       },
     };
   }
@@ -483,6 +490,16 @@ export function createIngestService(deps: IngestDeps): IngestService {
       counts.entriesRejected = sealed.rejected;
       counts.entriesDuplicate = counts.entriesRead - sealed.accepted - sealed.rejected;
       counts.entriesPending = sealed.pending;
+      // The run has sealed (committed): its new entries are counted once, by what they were stored as.
+      metrics.usageEntriesStored(
+        {
+          billed: sealed.billed,
+          pending: sealed.accepted - sealed.billed,
+          rejected: sealed.rejected,
+          duplicate: counts.entriesDuplicate,
+        },
+        'file',
+      );
       const recordIds = sealed.ids;
       counts.billingRecordsCreated = recordIds.length;
       const charged = await deps.billing.chargeNewRecords(recordIds);

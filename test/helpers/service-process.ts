@@ -18,6 +18,8 @@ export const MAIN = path.join(ROOT, 'dist/src/main.js');
 export interface ServiceProcess {
   child: ChildProcess;
   port: number;
+  /** The metrics listener's port from the ready line (METRICS_PORT set), else null. */
+  metricsPort: number | null;
   exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   /** Everything the process wrote so far (stdout and stderr). */
   output(): string;
@@ -77,11 +79,12 @@ export function startServiceProcess(env: Record<string, string>, options: StartO
     // The ready line is looked for in stdout alone and only among complete lines, so that a chunk boundary
     // or stderr output in between never hands a partial line to JSON.parse.
     let stdout = '';
-    const readyPort = (line: string): number | undefined => {
+    const readyPorts = (line: string): { port: number; metricsPort: number | null } | undefined => {
       if (!line.includes('"billing-service ready"')) return undefined;
       try {
-        const port: unknown = JSON.parse(line).port;
-        return typeof port === 'number' ? port : undefined;
+        const { port, metricsPort } = JSON.parse(line) as { port?: unknown; metricsPort?: unknown };
+        if (typeof port !== 'number') return undefined;
+        return { port, metricsPort: typeof metricsPort === 'number' ? metricsPort : null };
       } catch {
         return undefined;
       }
@@ -90,8 +93,9 @@ export function startServiceProcess(env: Record<string, string>, options: StartO
       stdout += d;
       const lines = stdout.split('\n');
       stdout = lines.pop()!; // the unfinished last line, if any
-      const port = lines.map(readyPort).find((p) => p !== undefined);
-      if (port === undefined) return;
+      const ready = lines.map(readyPorts).find((p) => p !== undefined);
+      if (ready === undefined) return;
+      const { port, metricsPort } = ready;
       clearTimeout(timer);
       child.stdout!.off('data', onData);
       const address = `127.0.0.1:${port}`;
@@ -105,6 +109,7 @@ export function startServiceProcess(env: Record<string, string>, options: StartO
       resolve({
         child,
         port,
+        metricsPort,
         exit,
         output: () => out,
         errors: () => out.split('\n').filter((line) => /"level":(50|60)/.test(line)),

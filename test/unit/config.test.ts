@@ -371,3 +371,55 @@ describe('checkExposure (secure by default)', () => {
     expect(checkExposure(loadConfig({ GRPC_HOST: '0.0.0.0', AUTH_TOKENS_FILE: '/t.json', ...TLS }))).toEqual([]);
   });
 });
+
+describe('metrics settings (METRICS_PORT, METRICS_HOST, METRICS_ALLOW_REMOTE)', () => {
+  it('keeps metrics off when METRICS_PORT is unset or blank', () => {
+    expect(loadConfig({}).metrics).toBeNull();
+    expect(loadConfig({ METRICS_PORT: '  ' }).metrics).toBeNull();
+  });
+
+  it('listens on 127.0.0.1 at the given port, 0 meaning a free one', () => {
+    expect(loadConfig({ METRICS_PORT: '9464' }).metrics).toEqual({ host: '127.0.0.1', port: 9464, allowRemote: false });
+    expect(loadConfig({ METRICS_PORT: '0' }).metrics).toEqual({ host: '127.0.0.1', port: 0, allowRemote: false });
+    expect(loadConfig({ METRICS_PORT: '9464', METRICS_HOST: ' ::1 ' }).metrics?.host).toBe('::1');
+  });
+
+  it.each(['-1', '65536', 'abc', '9464.5'])('refuses METRICS_PORT=%s, naming it', (port) => {
+    expect(configErrorFor({ METRICS_PORT: port }).message).toContain('METRICS_PORT');
+  });
+
+  it('refuses METRICS_HOST without METRICS_PORT (metrics would silently stay off)', () => {
+    expect(configErrorFor({ METRICS_HOST: '127.0.0.1' }).message).toMatch(/METRICS_HOST is set but METRICS_PORT is not/);
+  });
+
+  it('refuses the gRPC port for metrics on the same host', () => {
+    expect(configErrorFor({ GRPC_PORT: '50051', METRICS_PORT: '50051' }).message).toMatch(/METRICS_PORT must differ from GRPC_PORT/);
+    expect(loadConfig({ GRPC_PORT: '0', METRICS_PORT: '0' }).metrics?.port).toBe(0);
+  });
+
+  it('refuses a non-loopback METRICS_HOST without METRICS_ALLOW_REMOTE=true, naming both', () => {
+    for (const host of ['0.0.0.0', '::', '10.1.2.3']) {
+      let thrown: unknown;
+      try {
+        checkExposure(loadConfig({ METRICS_PORT: '9464', METRICS_HOST: host }));
+      } catch (e) {
+        thrown = e;
+      }
+      expect(thrown).toBeInstanceOf(ConfigError);
+      expect((thrown as Error).message).toContain(`METRICS_HOST=${host}`);
+      expect((thrown as Error).message).toContain('METRICS_ALLOW_REMOTE=true');
+    }
+  });
+
+  it('ALLOW_INSECURE does not open metrics beyond loopback; METRICS_ALLOW_REMOTE=true does, with one warning', () => {
+    expect(() => checkExposure(loadConfig({ METRICS_PORT: '9464', METRICS_HOST: '0.0.0.0', ALLOW_INSECURE: 'true' }))).toThrow(ConfigError);
+    const warnings = checkExposure(loadConfig({ METRICS_PORT: '9464', METRICS_HOST: '0.0.0.0', METRICS_ALLOW_REMOTE: 'true' }));
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]).toContain('METRICS_HOST=0.0.0.0');
+  });
+
+  it('is silent for metrics on loopback, whatever METRICS_ALLOW_REMOTE says', () => {
+    expect(checkExposure(loadConfig({ METRICS_PORT: '9464', METRICS_HOST: 'localhost' }))).toEqual([]);
+    expect(checkExposure(loadConfig({ METRICS_PORT: '9464', METRICS_ALLOW_REMOTE: 'true' }))).toEqual([]);
+  });
+});
