@@ -22,6 +22,8 @@ export interface Listener {
   connections(): number;
   /** Stops accepting connections; open ones are left to the gRPC server's shutdown. */
   close(): void;
+  /** Resolves once no connection is open (at once when none is). */
+  allClosed(): Promise<void>;
   /** Destroys every connection still open (after the shutdown grace). */
   destroyAll(): void;
 }
@@ -58,6 +60,14 @@ function listenOn(server: net.Server, address: string, port: number): Promise<nu
 export async function listen(options: ListenOptions): Promise<Listener> {
   const { maxConnections, injector, log } = options;
   const open = new Set<net.Socket>();
+  let whenAllClosed: (() => void)[] = [];
+  const closed = (socket: net.Socket) => {
+    open.delete(socket);
+    if (open.size > 0) return;
+    const waiting = whenAllClosed;
+    whenAllClosed = [];
+    for (const resolve of waiting) resolve();
+  };
   let dropped = 0;
   let lastWarning = 0;
 
@@ -74,7 +84,7 @@ export async function listen(options: ListenOptions): Promise<Listener> {
       return;
     }
     open.add(socket);
-    socket.once('close', () => open.delete(socket));
+    socket.once('close', () => closed(socket));
     // HTTP/2 and TLS handle the socket's errors; this only keeps a reset before they attach from being unhandled.
     socket.on('error', () => undefined);
     injector.injectConnection(socket);
@@ -101,6 +111,9 @@ export async function listen(options: ListenOptions): Promise<Listener> {
     connections: () => open.size,
     close() {
       for (const server of servers) server.close();
+    },
+    allClosed() {
+      return open.size === 0 ? Promise.resolve() : new Promise<void>((resolve) => whenAllClosed.push(resolve));
     },
     destroyAll() {
       for (const socket of open) socket.destroy();

@@ -198,7 +198,11 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
       setAll('NOT_SERVING');
       listener?.close();
       stopped ??= new Promise<void>((resolve) => {
+        let finished = false;
         const done = () => {
+          if (finished) return;
+          finished = true;
+          clearTimeout(force);
           // Connections that never became HTTP/2 sessions (a TLS handshake in progress) are not grpc-js's to close.
           listener?.destroyAll();
           resolve();
@@ -208,11 +212,18 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
           server.forceShutdown();
           done();
         }, graceMs);
-        server.tryShutdown((err) => {
-          clearTimeout(force);
-          if (err) log.warn({ err }, 'graceful gRPC shutdown reported an error');
-          done();
-        });
+        // grpc-js calls back once its HTTP/2 sessions have closed, but on Node 24 at once, calls still open: there
+        // the HTTP/2 server's own close() already closes every session (nodejs/node#57586), and grpc-js 1.14 takes a
+        // session that is closing for one that is closed. A session's connection closes once its last call has
+        // ended, so the drain also waits for every connection to close, or the grace period to run out (which a
+        // connection still in its TLS handshake, not a session yet, now waits for too).
+        const sessionsClosed = new Promise<void>((closed) =>
+          server.tryShutdown((err) => {
+            if (err) log.warn({ err }, 'graceful gRPC shutdown reported an error');
+            closed();
+          }),
+        );
+        void Promise.all([sessionsClosed, listener?.allClosed()]).then(done);
       });
       return stopped;
     },
