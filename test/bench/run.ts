@@ -2,13 +2,13 @@
  * Benchmark entry: `npm run bench [-- options]`.
  *
  *   --quick                 100k entries only, shorter RPC runs
- *   --only ingest,rpc,...   parts to run (ingest, rpc, retries, growth; default all)
+ *   --only ingest,rpc,...   parts to run (ingest, ingest-load, rpc, retries, growth; default all)
  *   --db sqlite|postgres    database (postgres: a fresh database from TEST_PG_ADMIN_URL)
  *   --replicas N            PostgreSQL: N service processes on one database for the RPC part
  *   --seconds S             duration of each RPC load run (default 10, quick 4)
  *   --log-level L           the service's LOG_LEVEL (default info, as deployed)
- *   --sizes N,M             ingestion sizes (default 100000,1000000; quick 100000)
- *   --formats json,ndjson   ingestion formats (default both)
+ *   --sizes N,M             ingestion sizes (default 100000,1000000; quick 100000; ingest-load takes the largest, default 1000000)
+ *   --formats json,ndjson   ingestion formats (default both; ingest-load takes the first, default ndjson)
  *   --out PATH              results file (default ./bench-results.json)
  *
  * Prints one table per part and writes everything to bench-results.json.
@@ -19,6 +19,7 @@ import * as path from 'node:path';
 import { ALL_PARTS, log, snapshotDist, table, tmpWorkDir, type BenchOptions, type Part } from './common';
 import { runGrowth } from './growth';
 import { runIngest } from './ingest';
+import { LOAD_IN_FLIGHT, runIngestLoad } from './ingest-load';
 import { runRetries } from './retries';
 import { runRpc } from './rpc';
 
@@ -80,6 +81,13 @@ async function main(): Promise<void> {
       const rows = await runIngest(opts);
       results.ingest = rows;
       out.push(table(`Ingestion (ProcessLogs end to end, ${opts.db}; floor = raw better-sqlite3 script, same rows, one transaction)`, rows as never));
+      save();
+    }
+    if (opts.only.includes('ingest-load')) {
+      const r = await runIngestLoad(opts);
+      results.ingestLoad = r;
+      out.push(table(`Ingestion under load (${opts.db}; ProcessLogs alone and with AddFunds + GetBalance at ${LOAD_IN_FLIGHT} in flight each, fresh database each)`, r.rows as never));
+      out.push(table('Ingestion under load: latency of the calls (grpc-js client, ms; idle = the same load on the same service just before)', r.load as never));
       save();
     }
     if (opts.only.includes('rpc')) {
