@@ -46,7 +46,12 @@ export class GroupCommit {
   }
 
   private async drain(): Promise<void> {
-    while (this.queue.length > 0) {
+    for (;;) {
+      // better-sqlite3 answers synchronously, so a shared transaction runs to its COMMIT in microtasks: started at
+      // once, it would take only the write that started it, and the calls read from the network in the same I/O
+      // turn would each get their own fsync. Waiting for the end of the turn (setImmediate) lets them all join.
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      if (this.queue.length === 0) return;
       const items = this.queue.splice(0, MAX_GROUP);
       const done: { item: Item; value: unknown }[] = [];
       const failed = new Set<Item>();

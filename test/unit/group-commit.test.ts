@@ -26,11 +26,24 @@ describe('group commit', () => {
   it('writes that arrive while one commits share the next transaction, each in its own savepoint', async () => {
     const { group, log, commits } = fakeDb();
     const first = group.submit(async () => new Promise((r) => setTimeout(() => r(0), 20)));
+    await new Promise((r) => setTimeout(r, 5)); // the first transaction is running
     const results = await Promise.all([1, 2, 3].map((n) => group.submit(async () => n * 10)));
     await first;
     expect(results).toEqual([10, 20, 30]);
     expect(commits()).toBe(2);
     expect(log.filter((s) => s.startsWith('savepoint'))).toHaveLength(4);
+  });
+
+  it('writes submitted in the same event-loop turn share one transaction even when the database answers synchronously', async () => {
+    // better-sqlite3: every statement is done when its promise is made, so a transaction needs no I/O turn at all.
+    const { group, commits } = fakeDb();
+    const submitted: Promise<number>[] = [];
+    for (let n = 0; n < 5; n++) {
+      submitted.push(group.submit(async () => n));
+      await Promise.resolve(); // each call reaches the queue a few microtasks after the one before
+    }
+    expect(await Promise.all(submitted)).toEqual([0, 1, 2, 3, 4]);
+    expect(commits()).toBe(1);
   });
 
   it('a failing write is rolled back to its savepoint alone; the others commit', async () => {
