@@ -472,6 +472,9 @@ export function createIngestService(deps: IngestDeps): IngestService {
                 for (let batch = feed.take(); batch; batch = db.chunkDue(started) ? null : feed.take()) {
                   counts.entriesRead += batch.length;
                   await run.stage(tx, batch);
+                  // better-sqlite3 answers in microtasks: without a turn of the event loop here, no call is read
+                  // from the network for the whole chunk, so no writer can be seen waiting and no read answered.
+                  await new Promise<void>((resolve) => setImmediate(resolve));
                 }
               });
             }
