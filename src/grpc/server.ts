@@ -86,6 +86,8 @@ export function serverOptions(limits: Readonly<GrpcLimits>): grpc.ServerOptions 
     'grpc.keepalive_timeout_ms': limits.keepaliveTimeoutMs,
     'grpc.max_connection_age_ms': limits.maxConnectionAgeMs,
     'grpc.max_connection_age_grace_ms': limits.maxConnectionAgeGraceMs,
+    // No channelz service is exposed, so its per-call bookkeeping is only cost.
+    'grpc.enable_channelz': 0,
   };
 }
 
