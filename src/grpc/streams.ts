@@ -63,10 +63,25 @@ export function streamOf(call: grpc.ServerInterceptingCallInterface): http2.Serv
   return looksRight ? (stream as http2.ServerHttp2Stream) : null;
 }
 
-/** Resets the stream with NO_ERROR unless it is gone already or the client has finished sending. */
-function release(stream: http2.ServerHttp2Stream): void {
+/** How long a reset waits for the status (trailers after response messages) to leave, at most. */
+const RELEASE_WAIT_MS = 1000;
+
+/**
+ * Resets the stream with NO_ERROR unless it is gone already or the client has
+ * finished sending. RFC 9113 allows this only after the complete response: a
+ * trailers-only status has left once handed over, but trailers after response
+ * messages (a stream's answers) leave after the queued data, and a reset
+ * submitted meanwhile reached the client first (it saw "RST_STREAM with code 0"
+ * instead of the status). So the reset waits until our end of the stream is
+ * closed (END_STREAM sent), for up to RELEASE_WAIT_MS.
+ */
+function release(stream: http2.ServerHttp2Stream, waitedMs = 0): void {
   if (stream.destroyed || stream.closed) return;
   if (stream.state.remoteClose) return; // the stream closes by itself once our end is sent
+  if (stream.headersSent && !stream.state.localClose && waitedMs < RELEASE_WAIT_MS) {
+    setTimeout(() => release(stream, waitedMs + 5), 5).unref();
+    return;
+  }
   stream.close(http2.constants.NGHTTP2_NO_ERROR);
 }
 
