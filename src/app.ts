@@ -76,7 +76,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
     const userRows = createUsersRepository(db);
     const ledger = createLedgerRepository(db);
     const records = createBillingRecordsRepository(db);
-    const usageLogs = createUsageLogsRepository();
+    const usageLogs = createUsageLogsRepository(db);
     const jobRuns = createJobRunsRepository(db);
     // One registry per app, built only when metrics are on; otherwise every report goes nowhere.
     const prometheus = config.metrics ? createPrometheusMetrics({ log, countPendingRetries: () => records.countPendingRetries() }) : null;
@@ -95,14 +95,17 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       metrics,
     });
     const billing = createBillingService({ db, clock, log, records, ledger, users: userRows, charging, idempotency });
-    const users = createUsersService({ db, clock, users: userRows, ledger, records, idempotency });
+    const users = createUsersService({ db, clock, users: userRows, ledger, records, usageLogs, idempotency, pricing: config.pricing });
     const wallets = createWalletsService({
       db,
       clock,
       log,
       ledger,
       users: userRows,
+      records,
+      usageLogs,
       idempotency,
+      pricing: config.pricing,
       settle: (userId) => billing.settleUser(userId),
       onSettleFailed: () => scheduler?.requestSweep(),
     });
@@ -120,7 +123,15 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       billing,
       metrics,
     });
-    const usage = createUsageService({ usageLogs });
+    const usage = createUsageService({
+      db,
+      clock,
+      pricing: config.pricing,
+      maxFutureSkewMs: config.maxFutureSkewMs,
+      batchMax: config.usageBatchMax,
+      usageLogs,
+      ledger,
+    });
     const jobs = createJobsService({ db, clock, log, jobRuns, ingest, billing, leaseMs: opts.jobLeaseMs, metrics });
     scheduler = createRetryScheduler({ db, clock, log, billing, jobs, pollMs: opts.schedulerPollMs });
     const services: Services = { users, wallets, billing, usage, jobs };

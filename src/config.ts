@@ -21,6 +21,8 @@ export interface Config {
   logFilePath: string;
   /** Longest that opening the usage file, or any one read of it, may take before the run fails (ms). */
   usageReadTimeoutMs: number;
+  /** Most events in one RecordUsage / StreamUsage batch. */
+  usageBatchMax: number;
   /** service -> price of one unit, in micros. */
   pricing: ReadonlyMap<string, bigint>;
   retryBaseDelayMs: number;
@@ -306,6 +308,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     currency,
     logFilePath: env.LOG_FILE_PATH?.trim() || './data/usage-logs.json',
     usageReadTimeoutMs: int(env, 'USAGE_READ_TIMEOUT_MS', 30_000, 100, 3_600_000),
+    usageBatchMax: int(env, 'USAGE_BATCH_MAX', 1000, 1, 10_000),
     pricing: env.PRICING ? parsePricing(env.PRICING) : parsePricing(JSON.stringify(DEFAULT_PRICING)),
     retryBaseDelayMs: int(env, 'RETRY_BASE_DELAY_MS', 1000, 1, 86_400_000),
     maxRetries: int(env, 'MAX_RETRIES', 5, 0, 30),

@@ -10,7 +10,7 @@
  * staging record is invisible: never charged, never listed, NOT_FOUND by id.
  */
 import type { EntityManager } from '@mikro-orm/knex';
-import type { Database, Tx } from '../db/database';
+import type { Database, Read, Tx } from '../db/database';
 import { epochMs, int64 } from '../db/types';
 import { notFound } from '../shared/errors';
 import { pageOf, type Page } from '../shared/paging';
@@ -83,6 +83,8 @@ export interface BillingRecordsRepository {
   hasUnpaid(tx: Tx, userId: number): Promise<boolean>;
   /** The user's unpaid records, oldest first (committed read). */
   unpaidIds(userId: number): Promise<number[]>;
+  /** What the user's unpaid (PENDING or FAILED) records add up to (committed read). */
+  unpaidTotal(userId: number, read?: Read): Promise<bigint>;
   /**
    * The records to attempt, locked until `tx` ends on PostgreSQL (id order).
    * `due`: only PENDING records due at `due`, skipping rows another replica holds.
@@ -297,6 +299,15 @@ export function createBillingRecordsRepository(db: Database): BillingRecordsRepo
         [userId, false],
       );
       return rows.map((r) => Number(r.id));
+    },
+
+    async unpaidTotal(userId, read = (sql, params) => db.read(sql, params)) {
+      const [{ hi, lo }] = await read<{ hi: string | null; lo: string | null }>(
+        `select cast(coalesce(sum(amount / 4294967296), 0) as text) as hi, cast(coalesce(sum(amount % 4294967296), 0) as text) as lo
+         from billing_records where user_id = ? and status <> 'PAID'`,
+        [userId],
+      );
+      return BigInt(hi ?? '0') * 4294967296n + BigInt(lo ?? '0');
     },
 
     async readForCharge(tx, ids, due) {

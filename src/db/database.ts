@@ -40,6 +40,12 @@ export interface Tx {
   all<T>(sql: string, params: unknown[], opts?: StatementOptions): Promise<T[]>;
 }
 
+/** A read of committed data: the rows of `sql` (a kept statement). */
+export type Read = <T>(sql: string, params: unknown[]) => Promise<T[]>;
+
+/** Reads in a write transaction, as a Read (kept statements on the transaction's connection). */
+export const readIn = (tx: Tx): Read => (sql, params) => tx.all(sql, params, { keep: true });
+
 export interface TransactionOptions {
   /** Refuse to start (AbortError) when the caller has gone away. */
   signal?: AbortSignal;
@@ -66,6 +72,13 @@ export interface Database {
    * the pool. Prepared once per connection: for the fixed reads of hot paths.
    */
   read<T>(sql: string, params: unknown[]): Promise<T[]>;
+  /**
+   * Runs `work`, whose reads through the `read` it gets all see one snapshot
+   * of committed data (reads that must agree, e.g. a balance and what is owed
+   * against it): on PostgreSQL one REPEATABLE READ, READ ONLY transaction; on
+   * SQLite one read transaction on a reader kept for snapshots.
+   */
+  snapshot<T>(work: (read: Read) => Promise<T>): Promise<T>;
 
   // ---- the dialect, by name -------------------------------------------------
 
@@ -148,6 +161,10 @@ class SqlDatabase implements Database {
 
   read<T>(sql: string, params: unknown[]): Promise<T[]> {
     return this.engine.read<T>(sql, params);
+  }
+
+  snapshot<T>(work: (read: Read) => Promise<T>): Promise<T> {
+    return this.engine.snapshot(work);
   }
 
   forUpdate(): string {

@@ -21,6 +21,8 @@ export interface Engine {
   statementsOf(em: EntityManager): Promise<Statements>;
   /** A committed read outside any transaction (SQLite: on a reader), with a kept statement. */
   read<T>(sql: string, params: unknown[]): Promise<T[]>;
+  /** Runs `work`, whose reads (kept statements) all see one snapshot of committed data. */
+  snapshot<T>(work: (read: <R>(sql: string, params: unknown[]) => Promise<R[]>) => Promise<T>): Promise<T>;
   /** Runs `fn` holding a PostgreSQL session advisory lock (on SQLite, one process owns the file: just runs it). */
   withSessionLock<T>(key: number, fn: () => Promise<T>): Promise<T>;
   /** True when work waits for the (SQLite) writer connection. */
@@ -233,6 +235,23 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrat
           knexClient.releaseConnection(conn);
         }
       },
+      async snapshot(work) {
+        const conn = await knexClient.acquireConnection();
+        try {
+          const st = pgStatements(conn as PgConnection, names);
+          await st.run('begin transaction isolation level repeatable read, read only', [], true);
+          try {
+            const value = await work((sql, params) => st.all(sql, params, true));
+            await st.run('commit', [], true);
+            return value;
+          } catch (err) {
+            await st.run('rollback', [], true).catch(() => undefined);
+            throw err;
+          }
+        } finally {
+          knexClient.releaseConnection(conn);
+        }
+      },
       withSessionLock: (key, fn) => withPgSessionLock(db.url, key, fn, log),
       writersWaiting: () => false,
       close: (force) => orm.close(force),
@@ -264,6 +283,12 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrat
   };
   const readers = inMemory ? [] : Array.from({ length: SQLITE_READERS }, openReader);
   let turn = 0;
+  /**
+   * Snapshots run on a reader of their own, one at a time (each is a few point reads): BEGIN, the reads,
+   * COMMIT. A reader shared with plain reads would let those join an open snapshot and see older data.
+   */
+  const snapshotReader = inMemory ? null : openReader();
+  let snapshotTail: Promise<unknown> = Promise.resolve();
   return {
     dialect: 'sqlite',
     em,
@@ -283,10 +308,35 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrat
         knexClient.releaseConnection(conn);
       }
     },
+    snapshot<T>(work: (read: <R>(sql: string, params: unknown[]) => Promise<R[]>) => Promise<T>): Promise<T> {
+      const run = async (): Promise<T> => {
+        if (!snapshotReader) {
+          // In memory: the one connection, held for the whole of `work`, is the snapshot.
+          const conn = (await knexClient.acquireConnection()) as SqliteConnection;
+          try {
+            const st = sqliteStatements(conn, keptOn(conn));
+            return await work((sql, params) => st.all(sql, params, true));
+          } finally {
+            knexClient.releaseConnection(conn);
+          }
+        }
+        const st = sqliteStatements(snapshotReader, keptOn(snapshotReader));
+        await st.run('begin', [], true);
+        try {
+          return await work((sql, params) => st.all(sql, params, true));
+        } finally {
+          await st.run('commit', [], true);
+        }
+      };
+      const result = snapshotTail.then(run, run);
+      snapshotTail = result.catch(() => undefined);
+      return result;
+    },
     withSessionLock: (_key, fn) => fn(),
     writersWaiting: () => (knexClient.pool?.numPendingAcquires() ?? 0) > 0,
     async close(force) {
       for (const reader of readers) reader.close();
+      snapshotReader?.close();
       await orm.close(force);
     },
   };

@@ -38,7 +38,13 @@ export interface CallContext extends DomainContext {
 
 export type UnaryHandler<Req, Res> = (request: Req, ctx: CallContext) => Promise<Res>;
 
-export type Unary = <Req, Res>(name: string, handler: UnaryHandler<Req, Res>) => grpc.handleUnaryCall<Req, Res>;
+/** Per-RPC adapter options. */
+export interface RpcOptions {
+  /** Top-level request fields whose items the handler validates one by one (see checkRequestStrings). */
+  ownRules?: readonly string[];
+}
+
+export type Unary = <Req, Res>(name: string, handler: UnaryHandler<Req, Res>, opts?: RpcOptions) => grpc.handleUnaryCall<Req, Res>;
 
 export interface AdapterDeps {
   /** A new unit of work for each call (the database object's fork). */
@@ -56,7 +62,7 @@ export interface AdapterDeps {
 export function createUnary(deps: AdapterDeps): Unary {
   const { fork, log, callerOf = () => undefined, accessLog = false, metrics = noMetrics } = deps;
 
-  return <Req, Res>(name: string, handler: UnaryHandler<Req, Res>): grpc.handleUnaryCall<Req, Res> =>
+  return <Req, Res>(name: string, handler: UnaryHandler<Req, Res>, opts: RpcOptions = {}): grpc.handleUnaryCall<Req, Res> =>
     (call, callback) => {
       const started = process.hrtime.bigint();
       const caller = callerOf(call.metadata);
@@ -122,7 +128,7 @@ export function createUnary(deps: AdapterDeps): Unary {
       Promise.resolve()
         .then(() => {
           // One rule for every string of every request, before any handler sees it.
-          checkRequestStrings(call.request);
+          checkRequestStrings(call.request, opts.ownRules);
           return handler(call.request, ctx);
         })
         .then(succeed, fail)
@@ -134,5 +140,176 @@ export function createUnary(deps: AdapterDeps): Unary {
             /* the logger is gone too; nothing left to report to */
           }
         });
+    };
+}
+
+/**
+ * A bidirectional stream of requests, each answered by one response, in
+ * order: `handle` turns one request into its response (every string is
+ * checked as for a unary call, each request has its own unit of work).
+ *
+ * Flow control: up to `window` requests are worked on at once (on SQLite
+ * their writes may share a commit). The next request is read only when fewer
+ * are in flight and the answers so far could be handed to HTTP/2 (`write`
+ * returned true, or 'drain' came): a client that sends faster than the
+ * service stores, or that does not read its answers, meets HTTP/2 flow
+ * control instead of growing the server's memory. What one stream holds is
+ * bounded: `window` requests in work, grpc-js's read buffer (16 messages) and
+ * its write buffer (16 answers).
+ *
+ * The first failure ends the stream with its status (the answers before it
+ * were sent; requests after it were not answered, and may or may not have
+ * been applied). A client that cancels, or whose deadline passes, stops it:
+ * work not yet started is not started. One log line per stream, as for a
+ * unary call, with how many requests it answered.
+ */
+export type BidiHandler<Req, Res> = (request: Req, ctx: CallContext, sequence: number) => Promise<Res>;
+
+export type Bidi = <Req, Res>(
+  name: string,
+  handle: BidiHandler<Req, Res>,
+  opts: RpcOptions & { window: number },
+) => grpc.handleBidiStreamingCall<Req, Res>;
+
+/**
+ * Reads a call's messages one at a time: the stream is paused while a message
+ * waits to be taken, so grpc-js reads no further than its own buffer. (Not the
+ * stream's async iterator: at the end of the requests it destroys the whole
+ * duplex, answers still to be written included.) null: the client has ended.
+ */
+function pull<T>(stream: NodeJS.ReadableStream): () => Promise<{ value: T } | null> {
+  const buffered: T[] = [];
+  let ended = false;
+  let wake: (() => void) | null = null;
+  stream.on('data', (message: T) => {
+    buffered.push(message);
+    stream.pause();
+    wake?.();
+  });
+  stream.on('end', () => {
+    ended = true;
+    wake?.();
+  });
+  return async () => {
+    while (buffered.length === 0 && !ended) {
+      await new Promise<void>((resolve) => (wake = resolve));
+      wake = null;
+    }
+    if (buffered.length === 0) return null;
+    const value = buffered.shift()!;
+    if (buffered.length === 0 && !ended) stream.resume();
+    return { value };
+  };
+}
+
+export function createBidi(deps: AdapterDeps): Bidi {
+  const { fork, log, callerOf = () => undefined, accessLog = false } = deps;
+  return <Req, Res>(name: string, handle: BidiHandler<Req, Res>, opts: RpcOptions & { window: number }): grpc.handleBidiStreamingCall<Req, Res> =>
+    (call) => {
+      const started = process.hrtime.bigint();
+      const caller = callerOf(call.metadata);
+      const abort = new AbortController();
+      call.once('cancelled', () => abort.abort(new AppError('CANCELLED', 'CALL_CANCELLED', 'the call was cancelled by the client or its deadline')));
+      /** Stops reading and writing: the call was cancelled, or an answer failed. */
+      const halt = new AbortController();
+      abort.signal.addEventListener('abort', () => halt.abort(abort.signal.reason), { once: true });
+      let answered = 0;
+      const finish = (code: grpc.status, reason?: string) => {
+        const level = rpcLogLevel({ method: name, code, refused: false }, accessLog);
+        if (log.isLevelEnabled(level)) {
+          log[level]({ method: name, code: grpc.status[code], reason, caller, answered, durationMs: Number(process.hrtime.bigint() - started) / 1e6 }, 'rpc');
+        }
+      };
+      /** Resolves with `p`, or rejects as soon as the stream halts. */
+      const unlessHalted = <T>(p: Promise<T>): Promise<T> =>
+        new Promise<T>((resolve, reject) => {
+          if (halt.signal.aborted) return reject(halt.signal.reason);
+          const onHalt = () => reject(halt.signal.reason);
+          halt.signal.addEventListener('abort', onHalt, { once: true });
+          p.then(
+            (value) => {
+              halt.signal.removeEventListener('abort', onHalt);
+              resolve(value);
+            },
+            (err: unknown) => {
+              halt.signal.removeEventListener('abort', onHalt);
+              reject(err);
+            },
+          );
+        });
+      const run = async () => {
+        const nextRequest = pull<Req>(call);
+        /** Requests in work, oldest first; each is answered as soon as it and those before it are done. */
+        const inFlight: Promise<Res>[] = [];
+        let readError: { error: unknown } | null = null;
+        let readerDone = false;
+        let wakeReader: (() => void) | null = null;
+        let wakeWriter: (() => void) | null = null;
+        const sleepUntil = (set: (wake: () => void) => void) => unlessHalted(new Promise<void>((resolve) => set(resolve)));
+        const reader = async () => {
+          try {
+            for (let sequence = 1; ; sequence++) {
+              while (inFlight.length >= opts.window) await sleepUntil((w) => (wakeReader = w));
+              const next = await unlessHalted(nextRequest());
+              if (next === null) break;
+              const request = next.value;
+              checkRequestStrings(request, opts.ownRules);
+              const work = Promise.resolve().then(() => handle(request, { em: fork(), signal: abort.signal, metadata: call.metadata }, sequence));
+              work.catch(() => undefined); // awaited in order by the writer; never left unhandled meanwhile
+              inFlight.push(work);
+              wakeWriter?.();
+            }
+          } catch (error) {
+            // A bad request: the ones before it are still answered, then the stream ends with its status.
+            if (!halt.signal.aborted) readError = { error };
+          } finally {
+            readerDone = true;
+            wakeWriter?.();
+          }
+        };
+        const writer = async () => {
+          try {
+            for (;;) {
+              while (inFlight.length === 0) {
+                if (readerDone) return;
+                await sleepUntil((w) => (wakeWriter = w));
+              }
+              const response = await unlessHalted(inFlight[0]);
+              answered++;
+              if (!call.write(response)) await sleepUntil((w) => call.once('drain', w));
+              inFlight.shift();
+              wakeReader?.();
+            }
+          } catch (err) {
+            halt.abort(err);
+            throw err;
+          }
+        };
+        await Promise.all([reader(), writer()]);
+        if (readError) throw (readError as { error: unknown }).error;
+      };
+      run().then(
+        () => {
+          call.end();
+          finish(grpc.status.OK);
+        },
+        (err: unknown) => {
+          if (abort.signal.aborted) return finish(grpc.status.CANCELLED, 'CALL_CANCELLED');
+          let status: ErrorStatus;
+          try {
+            status = describeError(err, log);
+          } catch {
+            status = { code: grpc.status.INTERNAL, details: INTERNAL_MESSAGE, metadata: new grpc.Metadata(), reason: INTERNAL_REASON };
+          }
+          call.emit('error', { code: status.code, details: status.details, metadata: status.metadata });
+          finish(status.code, status.reason);
+        },
+      ).catch((err: unknown) => {
+        try {
+          log.error({ err, method: name }, 'rpc adapter failure');
+        } catch {
+          /* nothing left to report to */
+        }
+      });
     };
 }

@@ -89,6 +89,10 @@ export const METHOD_ROLES: Readonly<Record<string, readonly Role[]>> = Object.fr
   '/billing.v1.JobService/ProcessRetries': OPERATOR,
   '/billing.v1.JobService/ProcessAll': OPERATOR,
   '/billing.v1.JobService/ListJobRuns': OPERATOR,
+
+  '/billing.v1.UsageService/RecordUsage': BOTH,
+  '/billing.v1.UsageService/StreamUsage': BOTH,
+  '/billing.v1.UsageService/GetUsageSummary': BOTH,
 });
 
 /** '/pkg.Service/Method' -> 'pkg.Service'. */

@@ -11,6 +11,7 @@ import {
   pageRequest,
   parseBillingRecordStatusFilter,
   parseUsageLogStatusFilter,
+  parseUsageSourceFilter,
   usageLogToPb,
   userIdFilter,
 } from './convert';
@@ -67,7 +68,13 @@ export function createBillingHandlers({ unary, billing, usage, currency }: Billi
     ),
 
     listUsageLogs: unary<pb.ListUsageLogsRequest, pb.ListUsageLogsResponse>('ListUsageLogs', async (req, ctx) => {
-      const filter = { userId: userIdFilter(req.userId), status: parseUsageLogStatusFilter(req.status) };
+      const filter = {
+        userId: userIdFilter(req.userId),
+        status: parseUsageLogStatusFilter(req.status),
+        source: parseUsageSourceFilter(req.source),
+        from: req.startTime ?? null,
+        to: req.endTime ?? null,
+      };
       const page = await usage.listUsageLogs(ctx, filter, pageRequest(req));
       return { usageLogs: page.items.map(usageLogToPb), nextPageToken: page.nextPageToken };
     }),

@@ -13,13 +13,15 @@ import { invalidArgument } from '../shared/errors';
 import { toId } from '../shared/ids';
 import { formatDecimal, microsToMoney, QUANTITY_SCALE } from '../shared/money';
 import type { PageRequest } from '../shared/paging';
-import type { UsageLog, UsageLogStatus } from '../usage/usage-log.entity';
+import type { UsageLog, UsageLogStatus, UsageSource } from '../usage/usage-log.entity';
+import type { SummaryGroupBy, UsageEventResult, UsageEventStatus, UsageSummaryRow } from '../usage/usage.service';
 import type { User, UserStatus } from '../users/user.entity';
 import type { WalletTransaction, WalletTransactionType } from '../wallets/wallet.entity';
-import type { WalletView } from '../wallets/wallets.service';
+import type { WalletWithAvailable } from '../wallets/wallets.service';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import type * as moneyPb from '../../generated/billing/v1/money';
+import * as usagePb from '../../generated/billing/v1/usage_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 
@@ -63,6 +65,25 @@ const USAGE_STATUS: Record<UsageLogStatus, billingPb.UsageLogStatus> = {
   REJECTED: billingPb.UsageLogStatus.USAGE_LOG_STATUS_REJECTED,
 };
 
+const USAGE_SOURCE: Record<UsageSource, billingPb.UsageSource> = {
+  FILE: billingPb.UsageSource.USAGE_SOURCE_FILE,
+  API: billingPb.UsageSource.USAGE_SOURCE_API,
+};
+
+const EVENT_STATUS: Record<UsageEventStatus, usagePb.UsageEventStatus> = {
+  ACCEPTED: usagePb.UsageEventStatus.USAGE_EVENT_STATUS_ACCEPTED,
+  DUPLICATE: usagePb.UsageEventStatus.USAGE_EVENT_STATUS_DUPLICATE,
+  CONFLICT: usagePb.UsageEventStatus.USAGE_EVENT_STATUS_CONFLICT,
+  REJECTED: usagePb.UsageEventStatus.USAGE_EVENT_STATUS_REJECTED,
+  PENDING: usagePb.UsageEventStatus.USAGE_EVENT_STATUS_PENDING,
+};
+
+const GROUP_BY: Record<SummaryGroupBy, usagePb.UsageSummaryGroupBy> = {
+  SERVICE: usagePb.UsageSummaryGroupBy.USAGE_SUMMARY_GROUP_BY_SERVICE,
+  HOUR: usagePb.UsageSummaryGroupBy.USAGE_SUMMARY_GROUP_BY_HOUR,
+  DAY: usagePb.UsageSummaryGroupBy.USAGE_SUMMARY_GROUP_BY_DAY,
+};
+
 const JOB_KIND: Record<JobKind, jobPb.JobKind> = {
   PROCESS_LOGS: jobPb.JobKind.JOB_KIND_PROCESS_LOGS,
   PROCESS_RETRIES: jobPb.JobKind.JOB_KIND_PROCESS_RETRIES,
@@ -91,12 +112,13 @@ export function userToPb(user: User): userPb.User {
   };
 }
 
-export function walletToPb(wallet: WalletView, currency: string): walletPb.Wallet {
+export function walletToPb(wallet: WalletWithAvailable, currency: string): walletPb.Wallet {
   return {
     userId: pbId(wallet.userId),
     balance: money(wallet.balance, currency),
     createTime: pbTime(wallet.createdAt),
     updateTime: pbTime(wallet.updatedAt),
+    availableBalance: money(wallet.available, currency),
   };
 }
 
@@ -151,8 +173,25 @@ export function usageLogToPb(log: UsageLog): billingPb.UsageLog {
     reason: log.reason,
     billingRecordId: pbId(log.billingRecordId),
     ingestTime: pbTime(log.ingestedAt),
+    source: USAGE_SOURCE[log.source],
+    eventId: log.dedupKey.startsWith('e:') ? log.dedupKey.slice(2) : '',
   };
 }
+
+export const usageEventResultToPb = (r: UsageEventResult): usagePb.UsageEventResult => ({
+  status: EVENT_STATUS[r.status],
+  usageId: pbId(r.usageId),
+  reason: r.reason,
+  message: r.message,
+});
+
+export const usageSummaryRowToPb = (r: UsageSummaryRow, currency: string): usagePb.UsageSummaryRow => ({
+  service: r.service,
+  periodStart: r.periodStart,
+  quantity: quantityToPb(r.quantity),
+  amount: money(r.amount, currency),
+  entries: BigInt(r.entries),
+});
 
 export function jobRunToPb(run: JobRun): jobPb.JobRun {
   return {
@@ -200,6 +239,12 @@ export const parseBillingRecordStatusFilter = (
 
 export const parseUsageLogStatusFilter = (value: billingPb.UsageLogStatus, field = 'status'): UsageLogStatus | null =>
   enumFilter(value, USAGE_STATUS, field);
+
+export const parseUsageSourceFilter = (value: billingPb.UsageSource, field = 'source'): UsageSource | null =>
+  enumFilter(value, USAGE_SOURCE, field);
+
+/** group_by: UNSPECIFIED groups by service. */
+export const parseGroupBy = (value: usagePb.UsageSummaryGroupBy): SummaryGroupBy => enumFilter(value, GROUP_BY, 'group_by') ?? 'SERVICE';
 
 /** A user_id filter: 0 means every user (null), anything else must be a valid id. */
 export const userIdFilter = (value: bigint, field = 'user_id'): number | null => (value === 0n ? null : toId(value, field));

@@ -50,9 +50,16 @@ export function findControlCharacter(value: unknown, path = '', depth = 0): { pa
   return null; // numbers, bigints, booleans, bytes, dates
 }
 
-/** Throws INVALID_ARGUMENT/INVALID_CHARACTERS naming the field if any string of the request holds a refused character. */
-export function checkRequestStrings(request: unknown): void {
-  const found = findControlCharacter(request);
+/**
+ * Throws INVALID_ARGUMENT/INVALID_CHARACTERS naming the field if any string of the request holds a refused character.
+ * `ownRules` names top-level fields whose items the RPC validates one by one (usage events: a bad event is
+ * REJECTED with its reason and the rest of its batch goes on), so they are not checked here.
+ */
+export function checkRequestStrings(request: unknown, ownRules: readonly string[] = []): void {
+  const found =
+    ownRules.length > 0 && isPlainObject(request)
+      ? findControlCharacter(Object.fromEntries(Object.entries(request).filter(([key]) => !ownRules.includes(protoFieldName(key)))))
+      : findControlCharacter(request);
   if (!found) return;
   const code = `U+${found.char.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')}`;
   throw invalidArgument(

@@ -34,6 +34,9 @@ export const MONEY_MOVING_METHODS: ReadonlySet<string> = new Set([
   // BillingService: a charge.
   'CreateBillingRecord',
   'ProcessBillingRecord',
+  // UsageService: a stream of usage that becomes money (one line per stream; RecordUsage batches are not listed:
+  // a busy producer would flood the log, and every batch's outcome is in its response).
+  'StreamUsage',
   // JobService: a triggered run bills usage and charges wallets.
   'ProcessLogs',
   'ProcessRetries',

@@ -24,9 +24,10 @@ import type { Metrics } from '../shared/metrics';
 import { ConfigError, DEFAULT_GRPC_LIMITS, type GrpcLimits, type TlsConfig } from '../config';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
+import * as usagePb from '../../generated/billing/v1/usage_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
-import { createUnary } from './adapter';
+import { createBidi, createUnary } from './adapter';
 import { createAuthInterceptor, type Caller, type TokenTable } from './auth';
 import { installGrpcLogger } from './grpc-log';
 import { listen, type Listener } from './listener';
@@ -34,6 +35,7 @@ import { DESCRIPTOR_SET_PATH, reflectionDefinition } from './reflection';
 import { createStreamGuard } from './streams';
 import { createBillingHandlers } from './billing.handlers';
 import { createJobHandlers } from './job.handlers';
+import { createUsageHandlers } from './usage.handlers';
 import { createUserHandlers } from './user.handlers';
 import { createWalletHandlers } from './wallet.handlers';
 
@@ -136,6 +138,7 @@ export const SERVICE_NAMES: readonly string[] = [
   walletPb.WalletServiceClient.serviceName,
   billingPb.BillingServiceClient.serviceName,
   jobPb.JobServiceClient.serviceName,
+  usagePb.UsageServiceClient.serviceName,
 ];
 
 export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
@@ -156,7 +159,9 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
     ...(deps.tokens ? [createAuthInterceptor({ tokens: deps.tokens, log, callers, accessLog, metrics })] : []),
   ];
   const server = new grpc.Server({ ...serverOptions(limits), interceptors });
-  const unary = createUnary({ fork, log, callerOf: (metadata) => callers.get(metadata)?.name, accessLog, metrics });
+  const adapterDeps = { fork, log, callerOf: (metadata: grpc.Metadata) => callers.get(metadata)?.name, accessLog, metrics };
+  const unary = createUnary(adapterDeps);
+  const bidi = createBidi(adapterDeps);
 
   server.addService(userPb.UserServiceService, createUserHandlers({ unary, users: services.users }));
   server.addService(walletPb.WalletServiceService, createWalletHandlers({ unary, wallets: services.wallets, currency }));
@@ -165,6 +170,7 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
     createBillingHandlers({ unary, billing: services.billing, usage: services.usage, currency }),
   );
   server.addService(jobPb.JobServiceService, createJobHandlers({ unary, jobs: services.jobs }));
+  server.addService(usagePb.UsageServiceService, createUsageHandlers({ unary, bidi, usage: services.usage, currency }));
 
   const allNames = ['', ...SERVICE_NAMES];
   const initial: ServingStatusMap = Object.fromEntries(allNames.map((name) => [name, 'NOT_SERVING']));

@@ -21,8 +21,8 @@ export function createWalletHandlers({ unary, wallets, currency }: WalletHandler
     }),
 
     getBalance: unary<pb.GetBalanceRequest, pb.GetBalanceResponse>('GetBalance', async (req, ctx) => {
-      const balance = await wallets.getBalance(ctx, toId(req.userId, 'user_id'));
-      return { balance: money(balance, currency) };
+      const { balance, available } = await wallets.getBalance(ctx, toId(req.userId, 'user_id'));
+      return { balance: money(balance, currency), availableBalance: money(available, currency) };
     }),
 
     addFunds: unary<pb.AddFundsRequest, pb.AddFundsResponse>('AddFunds', async (req, ctx) => {

@@ -26,7 +26,8 @@ export type InvariantRule =
   | 'usage_record_total'
   | 'usage_matches_line_items'
   | 'deleted_user_settled'
-  | 'staging_record_of_open_run';
+  | 'staging_record_of_open_run'
+  | 'pending_totals_match';
 
 /** Every rule with what it guarantees, in the order they are checked. */
 export const INVARIANT_RULES: Readonly<Record<InvariantRule, string>> = Object.freeze({
@@ -41,6 +42,8 @@ export const INVARIANT_RULES: Readonly<Record<InvariantRule, string>> = Object.f
   usage_record_total: "every USAGE record has line items and its amount equals their sum",
   usage_matches_line_items: "each USAGE record's line items are exactly the quantities of the BILLED entries it links, per service",
   deleted_user_settled: "a deleted user's wallet is closed and holds no money, and none of their billing records is unpaid",
+  pending_totals_match:
+    "each user's pending totals (which the available balance subtracts) are exactly the PENDING usage of that live user, per service",
   staging_record_of_open_run:
     'a staging usage record (not yet sealed, not chargeable) belongs to an ingestion run still storing its rows (or rolled back after a crash by the next run), is PENDING and unattempted, and has no line items yet',
 });
@@ -120,6 +123,9 @@ const splitSumRaw = (expr: string, alias: string): string =>
  */
 const equalsSplit = (value: string, hi: string, lo: string): string =>
   `(((${value}) % ${SPLIT} - ${lo}) % ${SPLIT} = 0 and (${value}) / ${SPLIT} - ${hi} + ((${value}) % ${SPLIT} - ${lo}) / ${SPLIT} = 0)`;
+/** SQL: hi1 x 2^32 + lo1 equals hi2 x 2^32 + lo2 (both split sums), decided without the products. */
+const equalsSplit2 = (hi1: string, lo1: string, hi2: string, lo2: string): string =>
+  `(((${lo1}) - (${lo2})) % ${SPLIT} = 0 and (${hi1}) - (${hi2}) + ((${lo1}) - (${lo2})) / ${SPLIT} = 0)`;
 /** The exact total of a split sum read back as text. */
 const joinSplit = (hi: unknown, lo: unknown): bigint => BigInt((hi as string) ?? '0') * 4294967296n + BigInt((lo as string) ?? '0');
 
@@ -270,6 +276,24 @@ const QUERIES: readonly Query[] = [
       `(quantity ${joinSplit(r.quantity_hi, r.quantity_lo)} x10^-6) but has no line item for that service`,
   },
   {
+    rule: 'pending_totals_match',
+    sql: `select coalesce(t.user_id, u.user_id) as user_id, coalesce(t.service, u.service) as service,
+                 cast(coalesce(t.quantity_hi, 0) as text) as t_hi, cast(coalesce(t.quantity_lo, 0) as text) as t_lo, coalesce(t.entries, 0) as t_n,
+                 cast(coalesce(u.q_hi, 0) as text) as u_hi, cast(coalesce(u.q_lo, 0) as text) as u_lo, coalesce(u.n, 0) as u_n
+          from usage_pending_totals t
+          full outer join (select l.user_id, l.service, ${splitSumRaw('l.quantity', 'q')}, count(*) as n
+                           from usage_logs l
+                           where l.status = 'PENDING' and exists (select 1 from wallets w where w.user_id = l.user_id and w.closed_at is null)
+                           group by l.user_id, l.service) u
+            on u.user_id = t.user_id and u.service = t.service
+          where coalesce(t.entries, 0) <> coalesce(u.n, 0)
+             or not ${equalsSplit2('coalesce(t.quantity_hi, 0)', 'coalesce(t.quantity_lo, 0)', 'coalesce(u.q_hi, 0)', 'coalesce(u.q_lo, 0)')}
+          order by 1, 2 limit ?`,
+    describe: (r) =>
+      `user ${str(r.user_id)}, ${JSON.stringify(r.service)}: the pending totals say ${str(r.t_n)} entries, quantity ` +
+      `${joinSplit(r.t_hi, r.t_lo)} (x10^-6), but the PENDING usage is ${str(r.u_n)} entries, quantity ${joinSplit(r.u_hi, r.u_lo)}`,
+  },
+  {
     rule: 'staging_record_of_open_run',
     sql: `select r.id, r.job_run_id, r.status, r.attempt_count, u.state,
                  (select count(*) from line_items li where li.billing_record_id = r.id) as lines
@@ -368,7 +392,7 @@ export async function checkInvariants(db: Pick<Database, 'fork' | 'dialect'>, op
 }
 
 /** The tables the checker reads. */
-const TABLES = ['users', 'wallets', 'wallet_transactions', 'billing_records', 'line_items', 'usage_logs', 'usage_runs'] as const;
+const TABLES = ['users', 'wallets', 'wallet_transactions', 'billing_records', 'line_items', 'usage_logs', 'usage_runs', 'usage_pending_totals'] as const;
 
 /** MikroORM's record of applied migrations. */
 const MIGRATIONS_TABLE = 'mikro_orm_migrations';

@@ -34,7 +34,7 @@ import type { LedgerRepository } from '../wallets/ledger.repository';
 import { rejectedIdentity, usageIdentity, validateEntry, type IdentityKind } from './entries';
 import { digestBits, OccurrenceTable } from './occurrence-table';
 import { readUsageFile, UsageFileError, UsageSourceError, type RawEntry } from './parser';
-import type { UsageLogsRepository, UsageRowDraft } from './usage-logs.repository';
+import type { PendingUsage, UsageLogsRepository, UsageRowDraft } from './usage-logs.repository';
 
 /** What a run counted (a job run records these), plus a reported, non-fatal problem (e.g. the file is missing). */
 export interface IngestCounts {
@@ -175,8 +175,10 @@ export function createIngestService(deps: IngestDeps): IngestService {
     const totals = new Map<number, UserTotals>();
     /** Each user's record amount so far: the sum of its lines' amounts. */
     const recordAmount = new Map<number, bigint>();
-    /** PENDING usage of earlier runs that this run bills: user -> the ids of those entries. */
-    const earlier = new Map<number, number[]>();
+    /** PENDING usage of earlier runs that this run bills: user -> those entries. */
+    const earlier = new Map<number, PendingUsage[]>();
+    /** PENDING usage of earlier runs that would take its user's record past the limit: it waits again. */
+    const overLimit: number[] = [];
     let accepted = 0;
     let rejected = 0;
     /** Of the accepted: stored BILLED (the rest are stored PENDING). */
@@ -309,10 +311,13 @@ export function createIngestService(deps: IngestDeps): IngestService {
           const page = await usageLogs.billablePending(tx, pricedServices, afterId, PENDING_PAGE);
           if (page.length === 0) break;
           for (const u of page) {
-            if (!add(u.userId, u.service, u.quantity)) continue;
-            let ids = earlier.get(u.userId);
-            if (!ids) earlier.set(u.userId, (ids = []));
-            ids.push(u.id);
+            if (!add(u.userId, u.service, u.quantity)) {
+              overLimit.push(u.id);
+              continue;
+            }
+            let entries = earlier.get(u.userId);
+            if (!entries) earlier.set(u.userId, (entries = []));
+            entries.push(u);
           }
           afterId = page[page.length - 1].id;
         }
@@ -367,6 +372,7 @@ export function createIngestService(deps: IngestDeps): IngestService {
             billingRecordId: status === 'BILLED' ? recordOf.get(c.userId!)! : null,
             jobRunId,
             ingestedAt: at,
+            source: 'FILE',
           };
         });
         await usageLogs.insert(tx, rows);
@@ -387,12 +393,12 @@ export function createIngestService(deps: IngestDeps): IngestService {
           drafts.push({ id: recordId, amount: recordAmount.get(userId)!, description, lines });
         }
         await records.sealUsageRecords(tx, drafts, clock.now());
-        for (const [userId, ids] of earlier) {
-          const linked = await usageLogs.linkToRecord(tx, userId, recordOf.get(userId)!, ids);
+        for (const [userId, entries] of earlier) {
+          const linked = await usageLogs.linkToRecord(tx, userId, recordOf.get(userId)!, entries);
           // Another writer billed some of these entries first: undo the whole run rather than bill twice.
-          if (linked !== ids.length) throw new Error(`usage of user ${userId} changed while billing; run aborted`);
+          if (linked !== entries.length) throw new Error(`usage of user ${userId} changed while billing; run aborted`);
         }
-        const pending = await usageLogs.explainPending(tx, jobRunId, pricedServices, OVER_RECORD_LIMIT);
+        const pending = await usageLogs.explainPending(tx, jobRunId, pricedServices, OVER_RECORD_LIMIT, overLimit);
         await usageLogs.sealRun(tx, jobRunId);
         return { ids: drafts.map((d) => d.id).sort((a, b) => a - b), accepted, billed, rejected, pending };
       },

@@ -2,6 +2,7 @@ import { EntitySchema } from '@mikro-orm/core';
 import { EpochMsType, Int64Type } from '../db/types';
 
 export type UsageLogStatus = 'PENDING' | 'BILLED' | 'REJECTED';
+export type UsageSource = 'FILE' | 'API';
 
 /** One ingested usage entry; `dedupKey` is its identity (see src/usage/entries.ts). */
 export class UsageLog {
@@ -17,6 +18,7 @@ export class UsageLog {
   billingRecordId!: number | null;
   jobRunId!: number | null;
   ingestedAt!: Date;
+  source!: UsageSource;
 }
 
 export const UsageLogSchema = new EntitySchema<UsageLog>({
@@ -34,5 +36,6 @@ export const UsageLogSchema = new EntitySchema<UsageLog>({
     billingRecordId: { type: 'number', nullable: true },
     jobRunId: { type: 'number', nullable: true },
     ingestedAt: { type: EpochMsType },
+    source: { type: 'string' },
   },
 });

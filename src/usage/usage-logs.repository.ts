@@ -1,17 +1,20 @@
 /**
- * The door of the `usage_logs` and `usage_runs` tables: ingested entries are
- * stored here, each once under its identity (unique dedup_key), and PENDING
- * entries are billed (linked to a record) or told why they wait. An ingestion
- * run stores its rows over several transactions; `usage_runs` says whether it
- * sealed them, so that the rows of a run that never did can be rolled back.
+ * The door of the `usage_logs`, `usage_runs` and `usage_pending_totals`
+ * tables: usage entries are stored here, each once under its identity (unique
+ * dedup_key), and PENDING entries are billed (linked to a record) or told why
+ * they wait. An ingestion run stores its rows over several transactions;
+ * `usage_runs` says whether it sealed them, so that the rows of a run that
+ * never did can be rolled back. `usage_pending_totals` holds, per user and
+ * service, the total of the PENDING usage of live users; every method here
+ * that adds, bills or deletes PENDING rows moves it in the same transaction.
  */
 import type { EntityManager } from '@mikro-orm/knex';
-import type { Tx } from '../db/database';
+import type { Database, Read, Tx } from '../db/database';
 import { int64 } from '../db/types';
 import { pageOf, type Page } from '../shared/paging';
-import { UsageLog, type UsageLogStatus } from './usage-log.entity';
+import { UsageLog, type UsageLogStatus, type UsageSource } from './usage-log.entity';
 
-/** A usage row as ingestion writes it, in its final state. */
+/** A usage row as it is stored, in its final state. */
 export interface UsageRowDraft {
   dedupKey: string;
   /** null: rejected. */
@@ -23,8 +26,9 @@ export interface UsageRowDraft {
   status: UsageLogStatus;
   reason: string;
   billingRecordId: number | null;
-  jobRunId: number;
+  jobRunId: number | null;
   ingestedAt: number;
+  source: UsageSource;
 }
 
 /** An earlier PENDING entry a run may bill now. */
@@ -35,11 +39,38 @@ export interface PendingUsage {
   quantity: bigint;
 }
 
+/** What is stored under a producer's event id (`e:<id>`). */
+export interface StoredEvent {
+  id: number;
+  userId: number | null;
+  service: string;
+  quantity: bigint;
+  usageAt: number | null;
+}
+
 /** A run that stored rows and never sealed them (it died, or its file turned out unusable). */
 export interface UnsealedRun {
   jobRunId: number;
   /** Every row of the run has an id at least this. */
   firstUsageId: number;
+}
+
+/** One row of a usage summary: a service's usage in a period. */
+export interface UsageSummaryRow {
+  service: string;
+  /** The period's start (epoch ms); with no period, the summary's start. */
+  periodStart: number;
+  quantity: bigint;
+  entries: number;
+}
+
+export interface UsageFilter {
+  userId: number | null;
+  status: UsageLogStatus | null;
+  source: UsageSource | null;
+  /** Usage time range, [from, to). */
+  from: Date | null;
+  to: Date | null;
 }
 
 export interface UsageLogsRepository {
@@ -56,40 +87,127 @@ export interface UsageLogsRepository {
   rollBackSome(tx: Tx, run: UnsealedRun, limit: number): Promise<number>;
   /** Which of `keys` are stored, with the run that stored each. */
   storedKeys(tx: Tx, keys: readonly string[]): Promise<Map<string, number>>;
-  /** Inserts rows (with the fewest prepared multi-row statements); throws if any was not inserted. */
-  insert(tx: Tx, rows: readonly UsageRowDraft[]): Promise<void>;
+  /** The entries stored under these producer event ids (keys `e:<id>`), by event id. */
+  storedEvents(tx: Tx, eventIds: readonly string[]): Promise<Map<string, StoredEvent>>;
+  /**
+   * Inserts rows (with the fewest prepared multi-row statements) and returns
+   * their ids, in order; throws if any was not inserted. PENDING rows of live
+   * users (any reason but UNKNOWN_USER and USER_DELETED) join the pending totals.
+   */
+  insert(tx: Tx, rows: readonly UsageRowDraft[]): Promise<number[]>;
+  /**
+   * Stores producer events (rows with `e:<id>` keys) unless their key is
+   * stored already, by this or a concurrent writer (on PostgreSQL an insert
+   * meeting another transaction's uncommitted row waits for it, so a key is
+   * never stored twice and never lost): returns the new rows' ids by key.
+   * Only the new rows join the pending totals. Rows are inserted in key order,
+   * so that two writers of overlapping keys never wait for each other in a
+   * circle.
+   */
+  insertEvents(tx: Tx, rows: readonly UsageRowDraft[]): Promise<Map<string, number>>;
   /** PENDING entries of live users and priced services, in id order after `afterId`. */
   billablePending(tx: Tx, pricedServices: readonly string[], afterId: number, limit: number): Promise<PendingUsage[]>;
-  /** Bills PENDING entries of a user by linking them to the record; returns how many it linked. */
-  linkToRecord(tx: Tx, userId: number, recordId: number, ids: readonly number[]): Promise<number>;
+  /** Bills PENDING entries of a user by linking them to the record (and out of the pending totals); returns how many. */
+  linkToRecord(tx: Tx, userId: number, recordId: number, entries: readonly PendingUsage[]): Promise<number>;
   /**
-   * Says why each PENDING entry of earlier runs is not billed (UNKNOWN_USER,
-   * USER_DELETED, NO_PRICE, else `overLimit`); returns how many are PENDING.
+   * Says why each PENDING entry of earlier runs is not billed: UNKNOWN_USER,
+   * USER_DELETED, NO_PRICE, else (billable: the next run bills it) no reason,
+   * or `overLimit` for the ids in `overLimitIds`. Returns how many are PENDING.
    */
-  explainPending(tx: Tx, jobRunId: number, pricedServices: readonly string[], overLimit: string): Promise<number>;
-  list(
-    em: EntityManager,
-    filter: { userId: number | null; status: UsageLogStatus | null },
-    page: Page,
-  ): Promise<{ items: UsageLog[]; nextPageToken: string }>;
+  explainPending(tx: Tx, jobRunId: number, pricedServices: readonly string[], overLimit: string, overLimitIds: readonly number[]): Promise<number>;
+  /** A user was created: their PENDING usage (recorded for an unknown user) joins the pending totals. */
+  countPendingOf(tx: Tx, userId: number): Promise<void>;
+  /** A user is being deleted: their PENDING usage leaves the pending totals. */
+  forgetPendingOf(tx: Tx, userId: number): Promise<void>;
+  /** The pending totals of a user, by service (committed read, or through `read`: a snapshot, a transaction). */
+  pendingTotals(userId: number, read?: Read): Promise<Map<string, bigint>>;
+  /** Billed and PENDING usage between `from` and `to`, per service and (when `periodMs`) per period. */
+  summary(filter: { userId: number | null; service: string | null; from: Date; to: Date; periodMs: number | null }): Promise<UsageSummaryRow[]>;
+  list(em: EntityManager, filter: UsageFilter, page: Page): Promise<{ items: UsageLog[]; nextPageToken: string }>;
 }
 
-const COLUMNS = ['dedup_key', 'user_id', 'service', 'quantity', 'usage_at', 'status', 'reason', 'billing_record_id', 'job_run_id', 'ingested_at'];
+const TWO_32 = 4294967296n;
+/** One (user, service) change of the pending totals. */
+type TotalsDelta = { quantity: bigint; entries: number };
+const totalKey = (userId: number, service: string) => `${userId}\u0000${service}`;
+
+const COLUMNS = ['dedup_key', 'user_id', 'service', 'quantity', 'usage_at', 'status', 'reason', 'billing_record_id', 'job_run_id', 'ingested_at', 'source'];
 /** Rows per multi-row INSERT statement; smaller statements take the remainder. */
 const INSERT_SIZES = [500, 100, 10, 1];
 const INSERT_SQL = new Map(
   INSERT_SIZES.map((size) => [
     size,
-    `insert into usage_logs (${COLUMNS.join(', ')}) values ${Array.from({ length: size }, () => `(${COLUMNS.map(() => '?').join(', ')})`).join(', ')}`,
+    `insert into usage_logs (${COLUMNS.join(', ')}) values ${Array.from({ length: size }, () => `(${COLUMNS.map(() => '?').join(', ')})`).join(', ')} returning id`,
   ]),
 );
 /** Keys per look-up (one kept statement: a shorter list is padded). */
 export const PROBE_KEYS = 500;
-const PROBE_SQL = `select dedup_key, job_run_id from usage_logs where dedup_key in (${Array.from({ length: PROBE_KEYS }, () => '?').join(', ')})`;
+const PROBE_LIST = Array.from({ length: PROBE_KEYS }, () => '?').join(', ');
+const PROBE_SQL = `select dedup_key, job_run_id from usage_logs where dedup_key in (${PROBE_LIST})`;
+const EVENTS_SQL = `select id, dedup_key, user_id, service, cast(quantity as text) as quantity, usage_at from usage_logs where dedup_key in (${PROBE_LIST})`;
+
+const EVENT_INSERT_SQL = new Map(
+  INSERT_SIZES.map((size) => [
+    size,
+    `insert into usage_logs (${COLUMNS.join(', ')}) values ${Array.from({ length: size }, () => `(${COLUMNS.map(() => '?').join(', ')})`).join(', ')} ` +
+      `on conflict (dedup_key) do nothing returning id, dedup_key`,
+  ]),
+);
+
+const rowParams = (r: UsageRowDraft): unknown[] => [
+  r.dedupKey,
+  r.userId,
+  r.service,
+  r.quantity,
+  r.usageAt,
+  r.status,
+  r.reason,
+  r.billingRecordId,
+  r.jobRunId,
+  r.ingestedAt,
+  r.source,
+];
+
+/** PENDING usage of a live user (any reason but UNKNOWN_USER and USER_DELETED) is in the pending totals. */
+const counted = (r: UsageRowDraft): boolean =>
+  r.status === 'PENDING' && r.userId !== null && r.reason !== 'UNKNOWN_USER' && r.reason !== 'USER_DELETED';
 
 const placeholders = (n: number): string => Array.from({ length: n }, () => '?').join(', ');
 
-export function createUsageLogsRepository(): UsageLogsRepository {
+export function createUsageLogsRepository(db: Database): UsageLogsRepository {
+  /** Adds (or, negative, takes) quantities to the pending totals: one set-based upsert. */
+  async function moveTotals(tx: Tx, deltas: ReadonlyMap<string, TotalsDelta & { userId: number; service: string }>): Promise<void> {
+    // In (user, service) order: two writers of the same totals never wait for each other in a circle (PostgreSQL).
+    const list = [...deltas.values()]
+      .filter((d) => d.entries !== 0 || d.quantity !== 0n)
+      .sort((a, b) => a.userId - b.userId || (a.service < b.service ? -1 : a.service > b.service ? 1 : 0));
+    for (let i = 0; i < list.length; i += 500) {
+      const part = list.slice(i, i + 500);
+      await tx.run(
+        `insert into usage_pending_totals (user_id, service, quantity_hi, quantity_lo, entries)
+         values ${part.map(() => '(?, ?, cast(? as bigint), cast(? as bigint), ?)').join(', ')}
+         on conflict (user_id, service) do update set quantity_hi = usage_pending_totals.quantity_hi + excluded.quantity_hi,
+           quantity_lo = usage_pending_totals.quantity_lo + excluded.quantity_lo, entries = usage_pending_totals.entries + excluded.entries`,
+        part.flatMap((d) => [d.userId, d.service, (d.quantity / TWO_32).toString(), (d.quantity % TWO_32).toString(), d.entries]),
+      );
+    }
+  }
+
+  function addDelta(deltas: Map<string, TotalsDelta & { userId: number; service: string }>, userId: number, service: string, quantity: bigint, entries: number) {
+    const key = totalKey(userId, service);
+    const d = deltas.get(key);
+    if (d) {
+      d.quantity += quantity;
+      d.entries += entries;
+    } else {
+      deltas.set(key, { userId, service, quantity, entries });
+    }
+  }
+
+  const joined = (rows: { service: string; hi: string; lo: string }[]): Map<string, bigint> =>
+    new Map(rows.map((r) => [r.service, BigInt(r.hi) * TWO_32 + BigInt(r.lo)] as const).filter(([, q]) => q !== 0n));
+  const TOTALS_SQL = `select service, cast(quantity_hi as text) as hi, cast(quantity_lo as text) as lo from usage_pending_totals where user_id = ?`;
+
   return {
     async beginRun(tx, jobRunId) {
       await tx.run(
@@ -112,12 +230,24 @@ export function createUsageLogsRepository(): UsageLogsRepository {
     },
 
     async rollBackSome(tx, run, limit) {
-      const deleted = await tx.run(
-        `delete from usage_logs where id in (select id from usage_logs where id >= ? and job_run_id = ? order by id limit ?)`,
+      const rows = await tx.all<{ id: number | string; user_id: number | string | null; service: string; quantity: string; counted: number | boolean }>(
+        `select l.id, l.user_id, l.service, cast(l.quantity as text) as quantity,
+                (l.status = 'PENDING' and exists (select 1 from wallets w where w.user_id = l.user_id and w.closed_at is null)) as counted
+         from usage_logs l where l.id >= ? and l.job_run_id = ? order by l.id limit ?`,
         [run.firstUsageId, run.jobRunId, limit],
       );
-      if (deleted === 0) await tx.run(`update usage_runs set state = 'ROLLED_BACK' where job_run_id = ?`, [run.jobRunId]);
-      return deleted;
+      if (rows.length === 0) {
+        await tx.run(`update usage_runs set state = 'ROLLED_BACK' where job_run_id = ?`, [run.jobRunId]);
+        return 0;
+      }
+      const deltas = new Map<string, TotalsDelta & { userId: number; service: string }>();
+      for (const r of rows) if (r.counted === true || r.counted === 1) addDelta(deltas, Number(r.user_id), r.service, -int64(r.quantity), -1);
+      await moveTotals(tx, deltas);
+      for (let i = 0; i < rows.length; i += 500) {
+        const part = rows.slice(i, i + 500);
+        await tx.run(`delete from usage_logs where id in (${part.map(() => '?').join(', ')})`, part.map((r) => Number(r.id)));
+      }
+      return rows.length;
     },
 
     async storedKeys(tx, keys) {
@@ -131,28 +261,69 @@ export function createUsageLogsRepository(): UsageLogsRepository {
       return stored;
     },
 
+    async storedEvents(tx, eventIds) {
+      const stored = new Map<string, StoredEvent>();
+      for (let i = 0; i < eventIds.length; i += PROBE_KEYS) {
+        const part = eventIds.slice(i, i + PROBE_KEYS).map((id) => `e:${id}`);
+        while (part.length < PROBE_KEYS) part.push(part[0]);
+        const rows = await tx.all<{ id: number | string; dedup_key: string; user_id: number | string | null; service: string; quantity: string; usage_at: number | string | null }>(
+          EVENTS_SQL,
+          part,
+          { keep: true },
+        );
+        for (const r of rows) {
+          stored.set(r.dedup_key.slice(2), {
+            id: Number(r.id),
+            userId: r.user_id === null ? null : Number(r.user_id),
+            service: r.service,
+            quantity: int64(r.quantity),
+            usageAt: r.usage_at === null ? null : Number(r.usage_at),
+          });
+        }
+      }
+      return stored;
+    },
+
     async insert(tx, rows) {
-      const params = rows.flatMap((r) => [
-        r.dedupKey,
-        r.userId,
-        r.service,
-        r.quantity,
-        r.usageAt,
-        r.status,
-        r.reason,
-        r.billingRecordId,
-        r.jobRunId,
-        r.ingestedAt,
-      ]);
+      const params = rows.flatMap(rowParams);
       const width = COLUMNS.length;
+      const ids: number[] = [];
       let at = 0;
       for (const size of INSERT_SIZES) {
         while (rows.length - at >= size) {
-          const changed = await tx.run(INSERT_SQL.get(size)!, params.slice(at * width, (at + size) * width), { keep: true });
-          if (changed !== size) throw new Error('usage rows changed while ingesting; run aborted');
+          const inserted = await tx.all<{ id: number | string }>(INSERT_SQL.get(size)!, params.slice(at * width, (at + size) * width), { keep: true });
+          if (inserted.length !== size) throw new Error('usage rows changed while storing them; aborted');
+          for (const r of inserted) ids.push(Number(r.id));
           at += size;
         }
       }
+      const deltas = new Map<string, TotalsDelta & { userId: number; service: string }>();
+      for (const r of rows) if (counted(r)) addDelta(deltas, r.userId!, r.service, BigInt(r.quantity), 1);
+      await moveTotals(tx, deltas);
+      return ids;
+    },
+
+    async insertEvents(tx, rows) {
+      const sorted = [...rows].sort((a, b) => (a.dedupKey < b.dedupKey ? -1 : a.dedupKey > b.dedupKey ? 1 : 0));
+      const params = sorted.flatMap(rowParams);
+      const width = COLUMNS.length;
+      const ids = new Map<string, number>();
+      let at = 0;
+      for (const size of INSERT_SIZES) {
+        while (sorted.length - at >= size) {
+          const inserted = await tx.all<{ id: number | string; dedup_key: string }>(
+            EVENT_INSERT_SQL.get(size)!,
+            params.slice(at * width, (at + size) * width),
+            { keep: true },
+          );
+          for (const r of inserted) ids.set(r.dedup_key, Number(r.id));
+          at += size;
+        }
+      }
+      const deltas = new Map<string, TotalsDelta & { userId: number; service: string }>();
+      for (const r of sorted) if (ids.has(r.dedupKey) && counted(r)) addDelta(deltas, r.userId!, r.service, BigInt(r.quantity), 1);
+      await moveTotals(tx, deltas);
+      return ids;
     },
 
     async billablePending(tx, pricedServices, afterId, limit) {
@@ -161,39 +332,80 @@ export function createUsageLogsRepository(): UsageLogsRepository {
         `select l.id, l.user_id, l.service, cast(l.quantity as text) as quantity
          from usage_logs l
          where l.id > ? and l.status = 'PENDING' and l.service in (${placeholders(pricedServices.length)})
-           and exists (select 1 from users u where u.id = l.user_id and u.deleted_at is null)
+           and exists (select 1 from wallets w where w.user_id = l.user_id and w.closed_at is null)
          order by l.id limit ?`,
         [afterId, ...pricedServices, limit],
       );
       return rows.map((r) => ({ id: Number(r.id), userId: Number(r.user_id), service: r.service, quantity: int64(r.quantity) }));
     },
 
-    async linkToRecord(tx, userId, recordId, ids) {
+    async linkToRecord(tx, userId, recordId, entries) {
       let linked = 0;
-      for (let i = 0; i < ids.length; i += 500) {
-        const part = ids.slice(i, i + 500);
+      for (let i = 0; i < entries.length; i += 500) {
+        const part = entries.slice(i, i + 500);
         linked += await tx.run(
           `update usage_logs set status = 'BILLED', reason = '', billing_record_id = ?
            where user_id = ? and status = 'PENDING' and id in (${placeholders(part.length)})`,
-          [recordId, userId, ...part],
+          [recordId, userId, ...part.map((e) => e.id)],
         );
       }
+      const deltas = new Map<string, TotalsDelta & { userId: number; service: string }>();
+      for (const e of entries) addDelta(deltas, userId, e.service, -e.quantity, -1);
+      await moveTotals(tx, deltas);
       return linked;
     },
 
-    async explainPending(tx, jobRunId, pricedServices, overLimit) {
+    async explainPending(tx, jobRunId, pricedServices, overLimit, overLimitIds) {
       const priced = pricedServices.length === 0 ? `''` : placeholders(pricedServices.length);
       await tx.run(
         `update usage_logs set reason = case
            when not exists (select 1 from users u where u.id = usage_logs.user_id) then 'UNKNOWN_USER'
            when exists (select 1 from users u where u.id = usage_logs.user_id and u.deleted_at is not null) then 'USER_DELETED'
            when usage_logs.service not in (${priced}) then 'NO_PRICE'
-           else ? end
+           else '' end
          where status = 'PENDING' and (job_run_id is null or job_run_id <> ?)`,
-        [...pricedServices, overLimit, jobRunId],
+        [...pricedServices, jobRunId],
       );
+      for (let i = 0; i < overLimitIds.length; i += 500) {
+        const part = overLimitIds.slice(i, i + 500);
+        await tx.run(`update usage_logs set reason = ? where status = 'PENDING' and id in (${placeholders(part.length)})`, [overLimit, ...part]);
+      }
       const [{ n }] = await tx.all<{ n: number | string }>(`select count(*) as n from usage_logs where status = 'PENDING'`, []);
       return Number(n);
+    },
+
+    async countPendingOf(tx, userId) {
+      await tx.run(
+        `insert into usage_pending_totals (user_id, service, quantity_hi, quantity_lo, entries)
+         select user_id, service, sum(quantity / 4294967296), sum(quantity % 4294967296), count(*)
+         from usage_logs where user_id = ? and status = 'PENDING' group by user_id, service
+         on conflict (user_id, service) do update set quantity_hi = usage_pending_totals.quantity_hi + excluded.quantity_hi,
+           quantity_lo = usage_pending_totals.quantity_lo + excluded.quantity_lo, entries = usage_pending_totals.entries + excluded.entries`,
+        [userId],
+      );
+    },
+
+    async forgetPendingOf(tx, userId) {
+      await tx.run('delete from usage_pending_totals where user_id = ?', [userId]);
+    },
+
+    async pendingTotals(userId, read = (sql, params) => db.read(sql, params)) {
+      return joined(await read<{ service: string; hi: string; lo: string }>(TOTALS_SQL, [userId]));
+    },
+
+    async summary({ userId, service, from, to, periodMs }) {
+      const bucket = periodMs === null ? `${from.getTime()}` : `(l.usage_at / ${periodMs}) * ${periodMs}`;
+      const rows = await db.read<{ service: string; period: number | string; n: number | string; hi: string; lo: string }>(
+        `select l.service, ${bucket} as period, count(*) as n,
+                cast(sum(l.quantity / 4294967296) as text) as hi, cast(sum(l.quantity % 4294967296) as text) as lo
+         from usage_logs l
+         where l.usage_at >= ? and l.usage_at < ? and l.status in ('BILLED', 'PENDING')
+           ${userId === null ? '' : 'and l.user_id = ?'} ${service === null ? '' : 'and l.service = ?'}
+           and not exists (select 1 from usage_runs r where r.job_run_id = l.job_run_id and r.state <> 'SEALED')
+         group by l.service, period order by l.service, period`,
+        [from.getTime(), to.getTime(), ...(userId === null ? [] : [userId]), ...(service === null ? [] : [service])],
+      );
+      return rows.map((r) => ({ service: r.service, periodStart: Number(r.period), quantity: BigInt(r.hi) * TWO_32 + BigInt(r.lo), entries: Number(r.n) }));
     },
 
     async list(em, filter, page) {
@@ -207,6 +419,10 @@ export function createUsageLogsRepository(): UsageLogsRepository {
           id: { $gt: page.afterId },
           ...(filter.userId !== null ? { userId: filter.userId } : {}),
           ...(filter.status !== null ? { status: filter.status } : {}),
+          ...(filter.source !== null ? { source: filter.source } : {}),
+          ...(filter.from !== null || filter.to !== null
+            ? { usageAt: { ...(filter.from !== null ? { $gte: filter.from } : {}), ...(filter.to !== null ? { $lt: filter.to } : {}) } }
+            : {}),
           ...(unsealed.length > 0 ? { $or: [{ jobRunId: null }, { jobRunId: { $nin: unsealed } }] } : {}),
         },
         { orderBy: { id: 'asc' }, limit: page.limit },

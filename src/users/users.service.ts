@@ -4,7 +4,7 @@
  * ../wallets/ledger.repository.ts). Writes go through the users door
  * (./users.repository.ts) and the ledger's.
  */
-import type { Database } from '../db/database';
+import { readIn, type Database } from '../db/database';
 import type { IdempotencyKeys } from '../db/idempotency';
 import { isUniqueViolation } from '../db/errors';
 import type { BillingRecordsRepository } from '../billing/records.repository';
@@ -12,6 +12,7 @@ import type { CallContext } from '../shared/context';
 import type { Clock } from '../shared/clock';
 import { alreadyExists, failedPrecondition, invalidArgument } from '../shared/errors';
 import { readPage, type PageRequest } from '../shared/paging';
+import type { UsageLogsRepository } from '../usage/usage-logs.repository';
 import type { LedgerRepository } from '../wallets/ledger.repository';
 import { User, type UserStatus } from './user.entity';
 import type { UsersRepository } from './users.repository';
@@ -59,11 +60,13 @@ export interface UsersDeps {
   users: UsersRepository;
   ledger: LedgerRepository;
   records: BillingRecordsRepository;
+  usageLogs: UsageLogsRepository;
   idempotency: IdempotencyKeys;
+  pricing: ReadonlyMap<string, bigint>;
 }
 
 export function createUsersService(deps: UsersDeps): UsersService {
-  const { db, clock, users, ledger, records, idempotency } = deps;
+  const { db, clock, users, ledger, records, usageLogs, idempotency, pricing } = deps;
 
   const emailTaken = (err: unknown): never => {
     if (isUniqueViolation(err)) throw alreadyExists('EMAIL_TAKEN', 'a user with this email already exists');
@@ -96,6 +99,8 @@ export function createUsersService(deps: UsersDeps): UsersService {
           const now = clock.now();
           const user = await users.create(tx, email, name, now);
           await ledger.open(tx, user.id, now);
+          // Usage recorded for this id before it existed is now the user's unbilled usage.
+          await usageLogs.countPendingOf(tx, user.id);
           if (key) await idempotency.complete(tx, key, user.id, now);
           return user;
         }, ctx)
@@ -134,6 +139,12 @@ export function createUsersService(deps: UsersDeps): UsersService {
         if (await records.hasUnpaid(tx, id)) {
           throw failedPrecondition('UNPAID_BILLING_RECORDS', `user ${id} has unpaid billing records`);
         }
+        // Usage recorded and not billed yet would be billed by the next run: bill it first.
+        const unbilled = [...(await usageLogs.pendingTotals(id, readIn(tx)))].filter(([service, q]) => q > 0n && pricing.has(service));
+        if (unbilled.length > 0) {
+          throw failedPrecondition('UNBILLED_USAGE', `user ${id} has usage not billed yet (${unbilled.map(([s]) => s).join(', ')}); run ProcessLogs first`);
+        }
+        await usageLogs.forgetPendingOf(tx, id);
         await users.markDeleted(tx, user, now);
       }, ctx);
     },

@@ -8,7 +8,7 @@
  * credit or debit of the wallet can never both commit.
  */
 import type { EntityManager } from '@mikro-orm/knex';
-import type { Database, Tx } from '../db/database';
+import type { Database, Read, Tx } from '../db/database';
 import { epochMs, int64 } from '../db/types';
 import { INT64_MAX } from '../shared/money';
 import { pageOf, type Page } from '../shared/paging';
@@ -19,6 +19,11 @@ export interface WalletView {
   balance: bigint;
   createdAt: Date;
   updatedAt: Date;
+}
+
+/** A wallet with what its user can still spend (see WalletsService). */
+export interface WalletWithAvailable extends WalletView {
+  available: bigint;
 }
 
 /** A credit's outcome: the ledger row and the wallet after it, or why nothing changed. */
@@ -58,7 +63,7 @@ export interface LedgerRepository {
    */
   holdOpenMany(tx: Tx, userIds: readonly number[]): Promise<Map<number, 'open' | 'closed'>>;
   /** The wallet of a live user as committed now; null when the user is deleted or unknown. */
-  read(userId: number): Promise<WalletView | null>;
+  read(userId: number, read?: Read): Promise<WalletView | null>;
   /** One ledger row (a replayed credit's). */
   transaction(tx: Tx, id: number): Promise<WalletTransaction>;
   /** The wallet row in `tx`'s unit of work. */
@@ -219,9 +224,9 @@ export function createLedgerRepository(db: Database): LedgerRepository {
       return states;
     },
 
-    async read(userId) {
+    async read(userId, read = (sql, params) => db.read(sql, params)) {
       // The hottest read of the service: a kept statement on a reader connection.
-      const rows = await db.read<{ balance: string; created_at: number | string; updated_at: number | string }>(
+      const rows = await read<{ balance: string; created_at: number | string; updated_at: number | string }>(
         `select cast(w.balance as text) as balance, w.created_at, w.updated_at
          from wallets w join users u on u.id = w.user_id where w.user_id = ? and u.deleted_at is null`,
         [userId],

@@ -2,23 +2,33 @@
  * Wallets: balances, top-ups and the ledger, through the ledger's door
  * (./ledger.repository.ts). A top-up is one short write (group commit on
  * SQLite); the settlement of unpaid records it triggers runs after its commit.
+ *
+ * The available balance is what the user can still spend: the balance, minus
+ * the usage recorded and not billed yet priced exactly as the next billing run
+ * will price it (per service, total quantity x today's unit price, rounded
+ * once; a service with no price counts 0 until it has one), minus the user's
+ * unpaid records. Its parts are kept in the transactions that move them (the
+ * pending totals by the usage door), so reading it is three point reads.
  */
 import type { Logger } from 'pino';
-import type { Database } from '../db/database';
+import { readIn, type Database, type Tx } from '../db/database';
 import type { IdempotencyKeys } from '../db/idempotency';
 import type { CallContext } from '../shared/context';
 import type { Clock } from '../shared/clock';
 import { failedPrecondition, invalidArgument, notFound } from '../shared/errors';
 import { readPage, type PageRequest } from '../shared/paging';
+import type { BillingRecordsRepository } from '../billing/records.repository';
+import { lineAmount } from '../shared/money';
+import type { UsageLogsRepository } from '../usage/usage-logs.repository';
 import type { UsersRepository } from '../users/users.repository';
-import type { LedgerRepository, WalletView } from './ledger.repository';
+import type { LedgerRepository, WalletView, WalletWithAvailable } from './ledger.repository';
 import type { WalletTransaction } from './wallet.entity';
 
-export type { WalletView } from './ledger.repository';
+export type { WalletView, WalletWithAvailable } from './ledger.repository';
 
 export interface AddFundsResult {
   /** The wallet after the credit and the settlement it triggered. */
-  wallet: WalletView;
+  wallet: WalletWithAvailable;
   transaction: WalletTransaction;
   /** The unpaid records this call's settlement paid, oldest first. */
   settledRecordIds: number[];
@@ -27,8 +37,8 @@ export interface AddFundsResult {
 }
 
 export interface WalletsService {
-  getWallet(ctx: CallContext, userId: number): Promise<WalletView>;
-  getBalance(ctx: CallContext, userId: number): Promise<bigint>;
+  getWallet(ctx: CallContext, userId: number): Promise<WalletWithAvailable>;
+  getBalance(ctx: CallContext, userId: number): Promise<{ balance: bigint; available: bigint }>;
   addFunds(ctx: CallContext, userId: number, amount: bigint, requestId: string): Promise<AddFundsResult>;
   listTransactions(ctx: CallContext, userId: number, page: PageRequest): Promise<{ items: WalletTransaction[]; nextPageToken: string }>;
 }
@@ -39,7 +49,10 @@ export interface WalletsDeps {
   log: Logger;
   ledger: LedgerRepository;
   users: UsersRepository;
+  records: BillingRecordsRepository;
+  usageLogs: UsageLogsRepository;
   idempotency: IdempotencyKeys;
+  pricing: ReadonlyMap<string, bigint>;
   /**
    * Called after a credit commits, and again when the credit's request_id is
    * replayed: charges the user's unpaid records (the billing engine's
@@ -51,24 +64,52 @@ export interface WalletsDeps {
 }
 
 export function createWalletsService(deps: WalletsDeps): WalletsService {
-  const { db, clock, log, ledger, users, idempotency, settle } = deps;
+  const { db, clock, log, ledger, users, records, usageLogs, idempotency, settle, pricing } = deps;
 
-  async function readWallet(userId: number): Promise<WalletView> {
-    const wallet = await ledger.read(userId);
+  /** What the user's recorded, unbilled usage will cost at today's prices: per service, rounded once. */
+  function unbilledValue(totals: ReadonlyMap<string, bigint>): bigint {
+    let value = 0n;
+    for (const [service, quantity] of totals) {
+      const price = pricing.get(service);
+      if (price !== undefined && quantity > 0n) value += lineAmount(quantity, price);
+    }
+    return value;
+  }
+
+  /** The wallet and its available balance, all from one snapshot of committed data; null for no live user. */
+  const withOwed = (wallet: WalletView, owed: bigint): WalletWithAvailable => ({ ...wallet, available: wallet.balance - owed });
+
+  async function readWallet(userId: number): Promise<WalletWithAvailable | null> {
+    // One after the other: on PostgreSQL the snapshot is one connection, which runs one statement at a time.
+    const [wallet, totals, unpaid] = await db.snapshot(
+      async (read) => [await ledger.read(userId, read), await usageLogs.pendingTotals(userId, read), await records.unpaidTotal(userId, read)] as const,
+    );
+    if (!wallet) return null;
+    return withOwed(wallet, unbilledValue(totals) + unpaid);
+  }
+
+  async function liveWallet(userId: number): Promise<WalletWithAvailable> {
+    const wallet = await readWallet(userId);
     if (!wallet) throw notFound('USER_NOT_FOUND', `user ${userId} not found`);
     return wallet;
   }
 
   return {
-    getWallet: (_ctx, userId) => readWallet(userId),
+    getWallet: (_ctx, userId) => liveWallet(userId),
 
     async getBalance(_ctx, userId) {
-      return (await readWallet(userId)).balance;
+      const { balance, available } = await liveWallet(userId);
+      return { balance, available };
     },
 
     async addFunds(ctx, userId, amount, rawRequestId) {
       if (amount <= 0n) throw invalidArgument('amount', 'NON_POSITIVE_AMOUNT', 'amount must be greater than zero');
       const key = idempotency.key('AddFunds', rawRequestId, { userId, amount });
+      /** What the user owes against the balance as of `tx`: unbilled usage at today's prices and unpaid records. */
+      const owedIn = async (tx: Tx): Promise<bigint> => {
+        const totals = await usageLogs.pendingTotals(userId, readIn(tx));
+        return unbilledValue(totals) + (await records.unpaidTotal(userId, readIn(tx)));
+      };
       const result = await db.groupWrite(async (tx): Promise<AddFundsResult> => {
         if (key) {
           const txId = await idempotency.claim(tx, key);
@@ -77,7 +118,7 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
             const transaction = await ledger.transaction(tx, txId);
             const wallet = await ledger.wallet(tx, userId);
             return {
-              wallet: { userId, balance: transaction.balanceAfter, createdAt: wallet.createdAt, updatedAt: transaction.createdAt },
+              wallet: withOwed({ userId, balance: transaction.balanceAfter, createdAt: wallet.createdAt, updatedAt: transaction.createdAt }, await owedIn(tx)),
               transaction,
               settledRecordIds: [],
               replayed: true,
@@ -94,21 +135,24 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
           throw failedPrecondition('BALANCE_OVERFLOW', 'the balance would exceed the largest amount a wallet can hold');
         }
         if (key) await idempotency.complete(tx, key, credited.transaction.id, now);
-        return { wallet: credited.wallet, transaction: credited.transaction, settledRecordIds: [], replayed: false };
+        return { wallet: withOwed(credited.wallet, await owedIn(tx)), transaction: credited.transaction, settledRecordIds: [], replayed: false };
       }, ctx);
       // Settle on a replay too: the first call may have died between the credit's commit and its settlement, and
       // settling twice is harmless (each record is charged at most once).
-      if (!settle) return result;
+      let settled: number[] = [];
       try {
-        const { paidRecordIds } = await settle(userId);
-        if (paidRecordIds.length === 0) return result;
-        // The balance the caller can spend now, after the records it paid.
-        return { ...result, wallet: await readWallet(userId), settledRecordIds: paidRecordIds };
+        if (settle) settled = (await settle(userId)).paidRecordIds;
       } catch (err) {
         log.error({ err, userId }, 'settling after AddFunds failed; the settlement sweep will finish it');
         deps.onSettleFailed?.();
-        return result;
       }
+      if (settled.length === 0) return result;
+      // The balance the caller can spend now, after the records it paid (if that read fails: the wallet the credit left).
+      const after = await readWallet(userId).catch((err: unknown) => {
+        log.warn({ err, userId }, 'reading the wallet after a settlement failed; answering with the wallet the credit left');
+        return null;
+      });
+      return { ...result, wallet: after ?? result.wallet, settledRecordIds: settled };
     },
 
     async listTransactions(ctx, userId, pageReq) {

@@ -43,7 +43,7 @@ async function probeLists(address: string, entries: number): Promise<GrowthListR
     { name: 'user_id=7', req: { userId: 7n } },
   ];
   const list = (req: Partial<billingPb.ListUsageLogsRequest>) =>
-    unary<billingPb.ListUsageLogsResponse>(client, 'listUsageLogs', { userId: 0n, status: 0, pageSize: 0, pageToken: '', ...req });
+    unary<billingPb.ListUsageLogsResponse>(client, 'listUsageLogs', { source: 0, userId: 0n, status: 0, pageSize: 0, pageToken: '', ...req });
   const timed = async (req: Partial<billingPb.ListUsageLogsRequest>) => {
     const t = performance.now();
     const res = await list(req);

@@ -15,6 +15,7 @@ import { microsToMoney, parseMoney } from '../../src/shared/money';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import type * as moneyPb from '../../generated/billing/v1/money';
+import * as usagePb from '../../generated/billing/v1/usage_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 
@@ -40,6 +41,7 @@ export interface TestApp {
   wallets: walletPb.WalletServiceClient;
   billing: billingPb.BillingServiceClient;
   jobs: jobPb.JobServiceClient;
+  usage: usagePb.UsageServiceClient;
   /** Closes the clients, stops the app and removes the directory. */
   stop(): Promise<void>;
 }
@@ -104,10 +106,11 @@ export async function startTestApp(
   const wallets = new walletPb.WalletServiceClient(address, credentials, clientOptions);
   const billing = new billingPb.BillingServiceClient(address, credentials, clientOptions);
   const jobs = new jobPb.JobServiceClient(address, credentials, clientOptions);
+  const usage = new usagePb.UsageServiceClient(address, credentials, clientOptions);
   let stopping: Promise<void> | undefined;
   const stop = () =>
     (stopping ??= (async () => {
-      for (const client of [users, wallets, billing, jobs]) client.close();
+      for (const client of [users, wallets, billing, jobs, usage]) client.close();
       try {
         await app.stop();
       } finally {
@@ -115,7 +118,7 @@ export async function startTestApp(
         fs.rmSync(dir, { recursive: true, force: true });
       }
     })());
-  return { app, port: app.port, address, credentials, clientOptions, dir, users, wallets, billing, jobs, stop };
+  return { app, port: app.port, address, credentials, clientOptions, dir, users, wallets, billing, jobs, usage, stop };
 }
 
 type Callback<Res> = (err: grpc.ServiceError | null, response: Res) => void;

@@ -9,6 +9,7 @@ import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
+import * as usagePb from '../../generated/billing/v1/usage_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 
@@ -29,6 +30,7 @@ export interface ServiceProcess {
   wallets: walletPb.WalletServiceClient;
   billing: billingPb.BillingServiceClient;
   jobs: jobPb.JobServiceClient;
+  usage: usagePb.UsageServiceClient;
   /** Closes the clients (not the process). */
   close(): void;
 }
@@ -105,6 +107,7 @@ export function startServiceProcess(env: Record<string, string>, options: StartO
         wallets: new walletPb.WalletServiceClient(address, creds),
         billing: new billingPb.BillingServiceClient(address, creds),
         jobs: new jobPb.JobServiceClient(address, creds),
+        usage: new usagePb.UsageServiceClient(address, creds),
       };
       resolve({
         child,

@@ -9,6 +9,7 @@ import { ConfigError } from '../../src/config';
 import { METHOD_ROLES, parseTokens, rolesFor } from '../../src/grpc/auth';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
+import * as usagePb from '../../generated/billing/v1/usage_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 import {
@@ -182,7 +183,7 @@ describe('bearer-token authentication', () => {
     expect(got.billingRecord!.status).toBe(billingPb.BillingRecordStatus.BILLING_RECORD_STATUS_PAID);
     await call(t.billing, 'processBillingRecord', { id }, asService);
     expect((await call(t.billing, 'listBillingRecords', { userId, status: 0, pageSize: 10, pageToken: '' }, asService)).billingRecords).toHaveLength(1);
-    await call(t.billing, 'listUsageLogs', { userId, status: 0, pageSize: 10, pageToken: '' }, asService);
+    await call(t.billing, 'listUsageLogs', { source: 0, userId, status: 0, pageSize: 10, pageToken: '' }, asService);
     expect((await call(t.wallets, 'getBalance', { userId }, asService)).balance).toEqual(money('7.5'));
   });
 
@@ -246,6 +247,7 @@ describe('bearer-token authentication', () => {
       [
         'billing.v1.BillingService',
         'billing.v1.JobService',
+        'billing.v1.UsageService',
         'billing.v1.UserService',
         'billing.v1.WalletService',
         'grpc.health.v1.Health',
@@ -342,7 +344,7 @@ describe('AUTH_TOKENS_FILE validation at start-up', () => {
 });
 
 describe('the role table', () => {
-  const services = [userPb.UserServiceService, walletPb.WalletServiceService, billingPb.BillingServiceService, jobPb.JobServiceService];
+  const services = [userPb.UserServiceService, walletPb.WalletServiceService, billingPb.BillingServiceService, jobPb.JobServiceService, usagePb.UsageServiceService];
   const paths = services.flatMap((s) => Object.values(s).map((m) => m.path)).sort();
   const OPERATOR_ONLY = [
     '/billing.v1.UserService/DeleteUser',

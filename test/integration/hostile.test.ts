@@ -231,7 +231,7 @@ describe('hostile input against the running server', () => {
               ['GetBillingRecord', () => call(t.billing, 'getBillingRecord', { id })],
               ['ProcessBillingRecord', () => call(t.billing, 'processBillingRecord', { id })],
               ['ListBillingRecords', () => call(t.billing, 'listBillingRecords', { userId: id, status: 0, pageSize: 0, pageToken: '' })],
-              ['ListUsageLogs', () => call(t.billing, 'listUsageLogs', { userId: id, status: 0, pageSize: 0, pageToken: '' })],
+              ['ListUsageLogs', () => call(t.billing, 'listUsageLogs', { source: 0, userId: id, status: 0, pageSize: 0, pageToken: '' })],
             ];
             for (const [rpc, send] of calls) {
               const p = send();
@@ -289,7 +289,7 @@ describe('hostile input against the running server', () => {
       ['ListUsers', (pageSize, pageToken) => call(t.users, 'listUsers', { pageSize, pageToken, status: 0 })],
       ['ListWalletTransactions', (pageSize, pageToken) => call(t.wallets, 'listWalletTransactions', { userId, pageSize, pageToken })],
       ['ListBillingRecords', (pageSize, pageToken) => call(t.billing, 'listBillingRecords', { userId: 0n, status: 0, pageSize, pageToken })],
-      ['ListUsageLogs', (pageSize, pageToken) => call(t.billing, 'listUsageLogs', { userId: 0n, status: 0, pageSize, pageToken })],
+      ['ListUsageLogs', (pageSize, pageToken) => call(t.billing, 'listUsageLogs', { source: 0, userId: 0n, status: 0, pageSize, pageToken })],
       ['ListJobRuns', (pageSize, pageToken) => call(t.jobs, 'listJobRuns', { pageSize, pageToken })],
     ];
 
@@ -344,7 +344,7 @@ describe('hostile input against the running server', () => {
                 call(t.billing, 'listBillingRecords', { userId: 0n, status: recordOrUsageStatus as billingPb.BillingRecordStatus, pageSize: 0, pageToken: '' }),
               ),
               await outcomeOf(
-                call(t.billing, 'listUsageLogs', { userId: 0n, status: recordOrUsageStatus as billingPb.UsageLogStatus, pageSize: 0, pageToken: '' }),
+                call(t.billing, 'listUsageLogs', { source: 0, userId: 0n, status: recordOrUsageStatus as billingPb.UsageLogStatus, pageSize: 0, pageToken: '' }),
               ),
             ];
             for (const g of got) expect(g).toEqual({ code: 'INVALID_ARGUMENT', reason: 'INVALID_ENUM', field: 'status' });

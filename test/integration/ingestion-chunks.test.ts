@@ -131,13 +131,13 @@ describe('ingestion in chunks', () => {
     void run.finally(() => (finished = true));
     for (let i = 0; !finished; i++) {
       await call(t.wallets, 'addFunds', { userId: ids[0], amount: money('0.01'), requestId: `x-${i}` }, LONG);
-      const { usageLogs } = await call(t.billing, 'listUsageLogs', { userId: 0n, status: 0, pageSize: 500, pageToken: '' });
+      const { usageLogs } = await call(t.billing, 'listUsageLogs', { source: 0, userId: 0n, status: 0, pageSize: 500, pageToken: '' });
       seen.add(usageLogs.length);
     }
     await run;
     // While storing: none listed; once sealed: all (a page of 500).
     for (const n of seen) expect([0, 500]).toContain(n);
-    const { usageLogs } = await call(t.billing, 'listUsageLogs', { userId: 0n, status: 0, pageSize: 500, pageToken: '' });
+    const { usageLogs } = await call(t.billing, 'listUsageLogs', { source: 0, userId: 0n, status: 0, pageSize: 500, pageToken: '' });
     expect(usageLogs).toHaveLength(500);
   });
 });

@@ -23,7 +23,7 @@ async function records(t: TestApp, userId = 0n) {
 }
 
 async function usageLogs(t: TestApp, status = S.USAGE_LOG_STATUS_UNSPECIFIED) {
-  return (await call(t.billing, 'listUsageLogs', { userId: 0n, status, pageSize: 500, pageToken: '' })).usageLogs;
+  return (await call(t.billing, 'listUsageLogs', { source: 0, userId: 0n, status, pageSize: 500, pageToken: '' })).usageLogs;
 }
 
 const amountOf = (m?: { units: bigint; nanos: number }) => `${m!.units}.${String(m!.nanos / 1000).padStart(6, '0')}`;

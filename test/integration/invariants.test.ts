@@ -372,6 +372,18 @@ describe('the invariant checker', () => {
     expect(rulesOf(sealed)).toEqual(['staging_record_of_open_run']);
   });
 
+  it('reports pending totals that differ from the PENDING usage they stand for', async () => {
+    const report = await corrupted(async (tx) => {
+      const { id } = await one(tx, `select id from users where deleted_at is null order by id`);
+      await tx.execute(
+        `insert into usage_pending_totals (user_id, service, quantity_hi, quantity_lo, entries) values (?, 'api-calls', 0, 1, 1)
+         on conflict (user_id, service) do update set quantity_lo = usage_pending_totals.quantity_lo + 1`,
+        [id],
+      );
+    });
+    expect(rulesOf(report)).toEqual(['pending_totals_match']);
+  });
+
   it('has a corruption above for every rule', () => {
     // Keeps this file honest when a rule is added.
     expect(Object.keys(INVARIANT_RULES).sort()).toEqual(
@@ -383,6 +395,7 @@ describe('the invariant checker', () => {
         'no_negative_balance',
         'one_debit_per_record',
         'paid_record_debited_once',
+        'pending_totals_match',
         'staging_record_of_open_run',
         'usage_linked_to_record',
         'usage_matches_line_items',

@@ -57,7 +57,7 @@ function check(client: HealthClient, service: string): Promise<ServingStatus> {
   });
 }
 
-const BILLING_SERVICES = ['billing.v1.UserService', 'billing.v1.WalletService', 'billing.v1.BillingService', 'billing.v1.JobService'];
+const BILLING_SERVICES = ['billing.v1.UserService', 'billing.v1.WalletService', 'billing.v1.BillingService', 'billing.v1.JobService', 'billing.v1.UsageService'];
 const STANDARD_SERVICES = ['grpc.health.v1.Health', 'grpc.reflection.v1.ServerReflection', 'grpc.reflection.v1alpha.ServerReflection'];
 const README = path.resolve(__dirname, '..', '..', 'README.md');
 
@@ -107,7 +107,7 @@ describe('server reflection', () => {
     expect(Number(body.user.id)).toBeGreaterThan(0);
   });
 
-  it('lists every method of the four billing services with buf curl --list-methods', async () => {
+  it('lists every method of the billing services with buf curl --list-methods', async () => {
     const res = await bufCurl(['--list-methods', `http://127.0.0.1:${t.port}`]);
     expect(res.exitCode).toBe(0);
     const methods = res.stdout.trim().split('\n').filter((m) => m.startsWith('billing.v1.')).sort();
@@ -122,6 +122,9 @@ describe('server reflection', () => {
         'billing.v1.JobService/ProcessAll',
         'billing.v1.JobService/ProcessLogs',
         'billing.v1.JobService/ProcessRetries',
+        'billing.v1.UsageService/GetUsageSummary',
+        'billing.v1.UsageService/RecordUsage',
+        'billing.v1.UsageService/StreamUsage',
         'billing.v1.UserService/ActivateUser',
         'billing.v1.UserService/CreateUser',
         'billing.v1.UserService/DeleteUser',
@@ -137,7 +140,7 @@ describe('server reflection', () => {
     );
   });
 
-  it('lists the four billing services, health and reflection itself with buf curl --list-services', async () => {
+  it('lists the billing services, health and reflection itself with buf curl --list-services', async () => {
     const res = await bufCurl(['--list-services', `http://127.0.0.1:${t.port}`]);
     expect(res.exitCode).toBe(0);
     expect(res.stdout.trim().split('\n').sort()).toEqual([...BILLING_SERVICES, ...STANDARD_SERVICES].sort());

@@ -1,12 +1,13 @@
 import * as grpc from '@grpc/grpc-js';
 import { BillingServiceService } from '../../generated/billing/v1/billing_service';
 import { JobServiceService } from '../../generated/billing/v1/job_service';
+import { UsageServiceService } from '../../generated/billing/v1/usage_service';
 import { UserServiceService } from '../../generated/billing/v1/user_service';
 import { WalletServiceService } from '../../generated/billing/v1/wallet_service';
 import { MONEY_MOVING_METHODS, rpcLogLevel } from '../../src/grpc/rpc-log';
 
 /** Every RPC of billing.v1 by the name the adapter logs ('/billing.v1.WalletService/AddFunds' -> 'AddFunds'). */
-const RPC_NAMES = [UserServiceService, WalletServiceService, BillingServiceService, JobServiceService].flatMap((service) =>
+const RPC_NAMES = [UserServiceService, WalletServiceService, BillingServiceService, JobServiceService, UsageServiceService].flatMap((service) =>
   Object.values(service).map((method) => method.path.slice(method.path.lastIndexOf('/') + 1)),
 );
 
@@ -29,6 +30,7 @@ describe('MONEY_MOVING_METHODS', () => {
         'ProcessLogs',
         'ProcessRetries',
         'ProcessAll',
+        'StreamUsage',
       ].sort(),
     );
   });

@@ -206,6 +206,49 @@ export function usageLogStatusToJSON(object: UsageLogStatus): string {
   }
 }
 
+/** UsageSource is where a usage entry came from. */
+export enum UsageSource {
+  /** USAGE_SOURCE_UNSPECIFIED - USAGE_SOURCE_UNSPECIFIED is never stored; as a filter it means "any". */
+  USAGE_SOURCE_UNSPECIFIED = 0,
+  /** USAGE_SOURCE_FILE - USAGE_SOURCE_FILE entries were read from the usage log file. */
+  USAGE_SOURCE_FILE = 1,
+  /** USAGE_SOURCE_API - USAGE_SOURCE_API entries were recorded by UsageService. */
+  USAGE_SOURCE_API = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function usageSourceFromJSON(object: any): UsageSource {
+  switch (object) {
+    case 0:
+    case "USAGE_SOURCE_UNSPECIFIED":
+      return UsageSource.USAGE_SOURCE_UNSPECIFIED;
+    case 1:
+    case "USAGE_SOURCE_FILE":
+      return UsageSource.USAGE_SOURCE_FILE;
+    case 2:
+    case "USAGE_SOURCE_API":
+      return UsageSource.USAGE_SOURCE_API;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return UsageSource.UNRECOGNIZED;
+  }
+}
+
+export function usageSourceToJSON(object: UsageSource): string {
+  switch (object) {
+    case UsageSource.USAGE_SOURCE_UNSPECIFIED:
+      return "USAGE_SOURCE_UNSPECIFIED";
+    case UsageSource.USAGE_SOURCE_FILE:
+      return "USAGE_SOURCE_FILE";
+    case UsageSource.USAGE_SOURCE_API:
+      return "USAGE_SOURCE_API";
+    case UsageSource.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** LineItem is the charge for one service within a billing record. */
 export interface LineItem {
   /** service is the usage service, for example "api-calls". */
@@ -280,7 +323,16 @@ export interface UsageLog {
   /** billing_record_id is the record that billed the entry; 0 until BILLED. */
   billingRecordId: bigint;
   /** ingest_time is when the service first read the entry. */
-  ingestTime?: Date | undefined;
+  ingestTime?:
+    | Date
+    | undefined;
+  /**
+   * source is where the entry came from: the usage file or RecordUsage /
+   * StreamUsage.
+   */
+  source: UsageSource;
+  /** event_id is the producer's id of the usage, when it had one. */
+  eventId: string;
 }
 
 /** CreateBillingRecordRequest is the input of CreateBillingRecord. */
@@ -365,6 +417,14 @@ export interface ListUsageLogsRequest {
   pageSize: number;
   /** page_token is the next_page_token of a previous call, or empty. */
   pageToken: string;
+  /** source filters by where entries came from; UNSPECIFIED returns all. */
+  source: UsageSource;
+  /** start_time, if set, keeps entries whose usage happened at or after it. */
+  startTime?:
+    | Date
+    | undefined;
+  /** end_time, if set, keeps entries whose usage happened before it. */
+  endTime?: Date | undefined;
 }
 
 /** ListUsageLogsResponse is the output of ListUsageLogs. */
@@ -805,6 +865,8 @@ function createBaseUsageLog(): UsageLog {
     reason: "",
     billingRecordId: 0n,
     ingestTime: undefined,
+    source: 0,
+    eventId: "",
   };
 }
 
@@ -845,6 +907,12 @@ export const UsageLog: MessageFns<UsageLog> = {
     }
     if (message.ingestTime !== undefined) {
       Timestamp.encode(toTimestamp(message.ingestTime), writer.uint32(74).fork()).join();
+    }
+    if (message.source !== 0) {
+      writer.uint32(80).int32(message.source);
+    }
+    if (message.eventId !== "") {
+      writer.uint32(90).string(message.eventId);
     }
     return writer;
   },
@@ -934,6 +1002,22 @@ export const UsageLog: MessageFns<UsageLog> = {
             message.ingestTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.source = reader.int32() as any;
+            continue;
+          }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.eventId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -965,6 +1049,12 @@ export const UsageLog: MessageFns<UsageLog> = {
         : isSet(object.ingest_time)
         ? fromJsonTimestamp(object.ingest_time)
         : undefined,
+      source: isSet(object.source) ? usageSourceFromJSON(object.source) : 0,
+      eventId: isSet(object.eventId)
+        ? globalThis.String(object.eventId)
+        : isSet(object.event_id)
+        ? globalThis.String(object.event_id)
+        : "",
     };
   },
 
@@ -997,6 +1087,12 @@ export const UsageLog: MessageFns<UsageLog> = {
     if (message.ingestTime !== undefined) {
       obj.ingestTime = message.ingestTime.toISOString();
     }
+    if (message.source !== 0) {
+      obj.source = usageSourceToJSON(message.source);
+    }
+    if (message.eventId !== "") {
+      obj.eventId = message.eventId;
+    }
     return obj;
   },
 
@@ -1016,6 +1112,8 @@ export const UsageLog: MessageFns<UsageLog> = {
       ? BigInt(object.billingRecordId)
       : 0n;
     message.ingestTime = object.ingestTime ?? undefined;
+    message.source = object.source ?? 0;
+    message.eventId = object.eventId ?? "";
     return message;
   },
 };
@@ -1765,7 +1863,7 @@ export const ProcessBillingRecordResponse: MessageFns<ProcessBillingRecordRespon
 };
 
 function createBaseListUsageLogsRequest(): ListUsageLogsRequest {
-  return { userId: 0n, status: 0, pageSize: 0, pageToken: "" };
+  return { userId: 0n, status: 0, pageSize: 0, pageToken: "", source: 0, startTime: undefined, endTime: undefined };
 }
 
 export const ListUsageLogsRequest: MessageFns<ListUsageLogsRequest> = {
@@ -1784,6 +1882,15 @@ export const ListUsageLogsRequest: MessageFns<ListUsageLogsRequest> = {
     }
     if (message.pageToken !== "") {
       writer.uint32(34).string(message.pageToken);
+    }
+    if (message.source !== 0) {
+      writer.uint32(40).int32(message.source);
+    }
+    if (message.startTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.startTime), writer.uint32(50).fork()).join();
+    }
+    if (message.endTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.endTime), writer.uint32(58).fork()).join();
     }
     return writer;
   },
@@ -1833,6 +1940,30 @@ export const ListUsageLogsRequest: MessageFns<ListUsageLogsRequest> = {
             message.pageToken = reader.string();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.source = reader.int32() as any;
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.startTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.endTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1859,6 +1990,17 @@ export const ListUsageLogsRequest: MessageFns<ListUsageLogsRequest> = {
         : isSet(object.page_token)
         ? globalThis.String(object.page_token)
         : "",
+      source: isSet(object.source) ? usageSourceFromJSON(object.source) : 0,
+      startTime: isSet(object.startTime)
+        ? fromJsonTimestamp(object.startTime)
+        : isSet(object.start_time)
+        ? fromJsonTimestamp(object.start_time)
+        : undefined,
+      endTime: isSet(object.endTime)
+        ? fromJsonTimestamp(object.endTime)
+        : isSet(object.end_time)
+        ? fromJsonTimestamp(object.end_time)
+        : undefined,
     };
   },
 
@@ -1876,6 +2018,15 @@ export const ListUsageLogsRequest: MessageFns<ListUsageLogsRequest> = {
     if (message.pageToken !== "") {
       obj.pageToken = message.pageToken;
     }
+    if (message.source !== 0) {
+      obj.source = usageSourceToJSON(message.source);
+    }
+    if (message.startTime !== undefined) {
+      obj.startTime = message.startTime.toISOString();
+    }
+    if (message.endTime !== undefined) {
+      obj.endTime = message.endTime.toISOString();
+    }
     return obj;
   },
 
@@ -1888,6 +2039,9 @@ export const ListUsageLogsRequest: MessageFns<ListUsageLogsRequest> = {
     message.status = object.status ?? 0;
     message.pageSize = object.pageSize ?? 0;
     message.pageToken = object.pageToken ?? "";
+    message.source = object.source ?? 0;
+    message.startTime = object.startTime ?? undefined;
+    message.endTime = object.endTime ?? undefined;
     return message;
   },
 };

@@ -84,7 +84,16 @@ export interface Wallet {
     | Date
     | undefined;
   /** update_time is when the balance last changed. */
-  updateTime?: Date | undefined;
+  updateTime?:
+    | Date
+    | undefined;
+  /**
+   * available_balance is what the user can still spend: the balance minus
+   * the exact priced value of usage recorded but not billed yet, minus the
+   * user's unpaid billing records. It can be negative. It moves in the same
+   * transaction that records usage, bills it or moves money.
+   */
+  availableBalance?: Money | undefined;
 }
 
 /** WalletTransaction is one append-only ledger row. */
@@ -131,8 +140,15 @@ export interface GetBalanceRequest {
 
 /** GetBalanceResponse is the output of GetBalance. */
 export interface GetBalanceResponse {
-  /** balance is the money available. */
-  balance?: Money | undefined;
+  /** balance is the money in the wallet. */
+  balance?:
+    | Money
+    | undefined;
+  /**
+   * available_balance is the balance minus unbilled usage at today's prices
+   * and minus unpaid billing records (see Wallet.available_balance).
+   */
+  availableBalance?: Money | undefined;
 }
 
 /** AddFundsRequest is the input of AddFunds. */
@@ -193,7 +209,7 @@ export interface ListWalletTransactionsResponse {
 }
 
 function createBaseWallet(): Wallet {
-  return { userId: 0n, balance: undefined, createTime: undefined, updateTime: undefined };
+  return { userId: 0n, balance: undefined, createTime: undefined, updateTime: undefined, availableBalance: undefined };
 }
 
 export const Wallet: MessageFns<Wallet> = {
@@ -212,6 +228,9 @@ export const Wallet: MessageFns<Wallet> = {
     }
     if (message.updateTime !== undefined) {
       Timestamp.encode(toTimestamp(message.updateTime), writer.uint32(34).fork()).join();
+    }
+    if (message.availableBalance !== undefined) {
+      Money.encode(message.availableBalance, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -261,6 +280,14 @@ export const Wallet: MessageFns<Wallet> = {
             message.updateTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.availableBalance = Money.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -287,6 +314,11 @@ export const Wallet: MessageFns<Wallet> = {
         : isSet(object.update_time)
         ? fromJsonTimestamp(object.update_time)
         : undefined,
+      availableBalance: isSet(object.availableBalance)
+        ? Money.fromJSON(object.availableBalance)
+        : isSet(object.available_balance)
+        ? Money.fromJSON(object.available_balance)
+        : undefined,
     };
   },
 
@@ -304,6 +336,9 @@ export const Wallet: MessageFns<Wallet> = {
     if (message.updateTime !== undefined) {
       obj.updateTime = message.updateTime.toISOString();
     }
+    if (message.availableBalance !== undefined) {
+      obj.availableBalance = Money.toJSON(message.availableBalance);
+    }
     return obj;
   },
 
@@ -318,6 +353,9 @@ export const Wallet: MessageFns<Wallet> = {
       : undefined;
     message.createTime = object.createTime ?? undefined;
     message.updateTime = object.updateTime ?? undefined;
+    message.availableBalance = (object.availableBalance !== undefined && object.availableBalance !== null)
+      ? Money.fromPartial(object.availableBalance)
+      : undefined;
     return message;
   },
 };
@@ -757,13 +795,16 @@ export const GetBalanceRequest: MessageFns<GetBalanceRequest> = {
 };
 
 function createBaseGetBalanceResponse(): GetBalanceResponse {
-  return { balance: undefined };
+  return { balance: undefined, availableBalance: undefined };
 }
 
 export const GetBalanceResponse: MessageFns<GetBalanceResponse> = {
   encode(message: GetBalanceResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.balance !== undefined) {
       Money.encode(message.balance, writer.uint32(10).fork()).join();
+    }
+    if (message.availableBalance !== undefined) {
+      Money.encode(message.availableBalance, writer.uint32(18).fork()).join();
     }
     return writer;
   },
@@ -789,6 +830,14 @@ export const GetBalanceResponse: MessageFns<GetBalanceResponse> = {
             message.balance = Money.decode(reader, reader.uint32());
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.availableBalance = Money.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -802,13 +851,23 @@ export const GetBalanceResponse: MessageFns<GetBalanceResponse> = {
   },
 
   fromJSON(object: any): GetBalanceResponse {
-    return { balance: isSet(object.balance) ? Money.fromJSON(object.balance) : undefined };
+    return {
+      balance: isSet(object.balance) ? Money.fromJSON(object.balance) : undefined,
+      availableBalance: isSet(object.availableBalance)
+        ? Money.fromJSON(object.availableBalance)
+        : isSet(object.available_balance)
+        ? Money.fromJSON(object.available_balance)
+        : undefined,
+    };
   },
 
   toJSON(message: GetBalanceResponse): unknown {
     const obj: any = {};
     if (message.balance !== undefined) {
       obj.balance = Money.toJSON(message.balance);
+    }
+    if (message.availableBalance !== undefined) {
+      obj.availableBalance = Money.toJSON(message.availableBalance);
     }
     return obj;
   },
@@ -820,6 +879,9 @@ export const GetBalanceResponse: MessageFns<GetBalanceResponse> = {
     const message = createBaseGetBalanceResponse();
     message.balance = (object.balance !== undefined && object.balance !== null)
       ? Money.fromPartial(object.balance)
+      : undefined;
+    message.availableBalance = (object.availableBalance !== undefined && object.availableBalance !== null)
+      ? Money.fromPartial(object.availableBalance)
       : undefined;
     return message;
   },
