@@ -93,6 +93,11 @@ interface JsonRecord {
   amount: { units?: string; nanos?: number };
   status: string;
 }
+type JsonMoney = { units?: string; nanos?: number };
+interface JsonResult {
+  status: string;
+  usageId?: string;
+}
 interface JsonJobRun {
   status: string;
   entriesRead?: string;
@@ -150,8 +155,8 @@ describe(`README: ${SECTION}`, () => {
     const outputs = (method: string) => ran.filter((r) => r.method === method).map((r) => JSON.parse(r.stdout));
 
     const commandBlocks = blocks.filter((block) => block.some((line) => line.startsWith('$B ')));
-    expect(commandBlocks).toHaveLength(2);
-    const [setup, topUp] = commandBlocks;
+    expect(commandBlocks).toHaveLength(3);
+    const [setup, topUp, usage] = commandBlocks;
 
     // Block 1: three users, three top-ups, ProcessLogs, ListBillingRecords.
     await runBlock(setup);
@@ -251,5 +256,63 @@ describe(`README: ${SECTION}`, () => {
       user2: 'USER_STATUS_ACTIVE',
       balances: ['87500000', '6000000', '37500000'],
     });
+
+    // Block 3: usage over gRPC, the available balance at once, a stream, a summary, and the billing run.
+    await runBlock(usage);
+    const [recorded] = outputs('RecordUsage') as { results: JsonResult[] }[];
+    expect(recorded.results.map((r) => r.status)).toEqual(['USAGE_EVENT_STATUS_ACCEPTED', 'USAGE_EVENT_STATUS_ACCEPTED']);
+    const evt2 = recorded.results[1].usageId;
+    const [before, after] = (outputs('GetBalance') as { balance: JsonMoney; availableBalance: JsonMoney }[]).map((b) => [
+      String(micros(b.balance)),
+      String(micros(b.availableBalance)),
+    ]);
+    // "balance 87.50 and available_balance 84.50"
+    expect(before).toEqual(['87500000', '84500000']);
+    const streamed = jsonDocs(ran.find((r) => r.method === 'StreamUsage')!.stdout) as { batchId: string; sequence: string; results: JsonResult[] }[];
+    expect(streamed.map((a) => [a.batchId, a.sequence, a.results.map((r) => r.status)])).toEqual([
+      ['b1', '1', ['USAGE_EVENT_STATUS_ACCEPTED']],
+      ['b2', '2', ['USAGE_EVENT_STATUS_DUPLICATE', 'USAGE_EVENT_STATUS_ACCEPTED']],
+    ]);
+    expect(streamed[1].results[0].usageId).toBe(evt2);
+    const [summary] = outputs('GetUsageSummary') as { rows: { service: string; quantity: string; amount: JsonMoney; entries: string }[] }[];
+    expect(summary.rows.map((r) => [r.service, r.quantity, String(micros(r.amount)), r.entries])).toEqual([
+      ['api-calls', '300', '3000000', '2'],
+      ['compute', '5', '500000', '1'],
+      ['storage', '10', '500000', '1'],
+    ]);
+    const third = (outputs('ProcessLogs')[2] as { jobRun: JsonJobRun }).jobRun;
+    expect({ status: third.status, duplicate: count(third.entriesDuplicate), created: count(third.billingRecordsCreated), charged: count(third.chargesSucceeded) }).toEqual({
+      status: 'JOB_RUN_STATUS_SUCCEEDED',
+      duplicate: 6,
+      created: 1,
+      charged: 1,
+    });
+    // "one record for user 1 of 4.00, PAID at once, so balance and available_balance are both 83.50"
+    expect(after).toEqual(['83500000', '83500000']);
+    const user1 = (await call(billing, 'listBillingRecords', { userId: 1n, status: BillingRecordStatus.BILLING_RECORD_STATUS_UNSPECIFIED, pageSize: 10, pageToken: '' }))
+      .billingRecords;
+    expect(user1.map((r) => [String(micros({ units: String(r.amount!.units), nanos: r.amount!.nanos })), BillingRecordStatus[r.status]])).toEqual([
+      ['12500000', 'BILLING_RECORD_STATUS_PAID'],
+      ['4000000', 'BILLING_RECORD_STATUS_PAID'],
+    ]);
   });
 });
+
+/** The JSON documents buf curl prints one after another (a stream's responses). */
+function jsonDocs(text: string): unknown[] {
+  const docs: unknown[] = [];
+  let depth = 0;
+  let inString = false;
+  let start = -1;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (inString) {
+      if (c === '\\') i++;
+      else if (c === '"') inString = false;
+    } else if (c === '"') inString = true;
+    else if (c === '{') {
+      if (depth++ === 0) start = i;
+    } else if (c === '}' && --depth === 0) docs.push(JSON.parse(text.slice(start, i + 1)));
+  }
+  return docs;
+}
