@@ -95,6 +95,12 @@ export interface Database {
    */
   allocateIds(tx: Tx, table: string, n: number): Promise<number[]>;
   /**
+   * PostgreSQL: transaction-scoped advisory locks on user ids (in id order), `shared` by writers of usage for
+   * users they found unknown, `exclusive` by the creation of a user, so that the two never pass each other
+   * unseen; true. SQLite (one writer, nothing to pass): nothing, false.
+   */
+  lockUsers(tx: Tx, userIds: readonly number[], mode: 'shared' | 'exclusive'): Promise<boolean>;
+  /**
    * Runs `work` while no other work of the same `name` runs: in this process,
    * and on PostgreSQL in any replica (a session-level advisory lock held on a
    * connection of its own for the whole of `work`, across its transactions;
@@ -125,6 +131,8 @@ export interface OpenDatabaseOptions {
 
 /** pg_advisory_lock keys of `exclusive` work. */
 const EXCLUSIVE_KEYS = { ingestion: 72010001 } as const;
+/** The first key of lockUsers' two-key advisory locks (the second is the user id, folded into int4). */
+const USER_LOCK_SPACE = 72010003;
 
 /** chunkDue: least work before letting a waiting writer in, and most without one (SQLite); PostgreSQL's chunk. */
 const CHUNK_MIN_MS = 10;
@@ -195,6 +203,15 @@ class SqlDatabase implements Database {
     // Past the largest id ever used (AUTOINCREMENT never reuses one); inserting them moves sqlite_sequence on.
     const first = Math.max(Number(m ?? 0), Number(s ?? 0)) + 1;
     return Array.from({ length: n }, (_, i) => first + i);
+  }
+
+  async lockUsers(tx: Tx, userIds: readonly number[], mode: 'shared' | 'exclusive'): Promise<boolean> {
+    if (this.dialect !== 'postgresql') return false;
+    const fn = mode === 'shared' ? 'pg_advisory_xact_lock_shared' : 'pg_advisory_xact_lock';
+    // Folded ids that collide only make one wait for the other: never wrong.
+    const keys = [...new Set(userIds.map((id) => id % 2147483647))].sort((a, b) => a - b);
+    for (const key of keys) await tx.all(`select ${fn}(${USER_LOCK_SPACE}, ?::int)`, [key], { keep: true });
+    return true;
   }
 
   exclusive<T>(name: 'ingestion', work: () => Promise<T>): Promise<T> {

@@ -46,6 +46,8 @@ export interface StoredEvent {
   service: string;
   quantity: bigint;
   usageAt: number | null;
+  /** The ingestion run that stored it and has not sealed it yet (its rows may still be rolled back), else null. */
+  unsealedRun: number | null;
 }
 
 /** A run that stored rows and never sealed them (it died, or its file turned out unusable). */
@@ -85,6 +87,8 @@ export interface UsageLogsRepository {
    * left, and the run is then marked ROLLED_BACK).
    */
   rollBackSome(tx: Tx, run: UnsealedRun, limit: number): Promise<number>;
+  /** True while the ingestion run `jobRunId` has stored rows it has not sealed or rolled back (committed read). */
+  runIsOpen(jobRunId: number): Promise<boolean>;
   /** Which of `keys` are stored, with the run that stored each. */
   storedKeys(tx: Tx, keys: readonly string[]): Promise<Map<string, number>>;
   /** The entries stored under these producer event ids (keys `e:<id>`), by event id. */
@@ -144,7 +148,9 @@ const INSERT_SQL = new Map(
 export const PROBE_KEYS = 500;
 const PROBE_LIST = Array.from({ length: PROBE_KEYS }, () => '?').join(', ');
 const PROBE_SQL = `select dedup_key, job_run_id from usage_logs where dedup_key in (${PROBE_LIST})`;
-const EVENTS_SQL = `select id, dedup_key, user_id, service, cast(quantity as text) as quantity, usage_at from usage_logs where dedup_key in (${PROBE_LIST})`;
+const EVENTS_SQL =
+  `select l.id, l.dedup_key, l.user_id, l.service, cast(l.quantity as text) as quantity, l.usage_at, r.job_run_id as unsealed_run ` +
+  `from usage_logs l left join usage_runs r on r.job_run_id = l.job_run_id and r.state = 'STAGING' where l.dedup_key in (${PROBE_LIST})`;
 
 const EVENT_INSERT_SQL = new Map(
   INSERT_SIZES.map((size) => [
@@ -250,6 +256,11 @@ export function createUsageLogsRepository(db: Database): UsageLogsRepository {
       return rows.length;
     },
 
+    async runIsOpen(jobRunId) {
+      const rows = await db.read<{ state: string }>(`select state from usage_runs where job_run_id = ?`, [jobRunId]);
+      return rows.length > 0 && rows[0].state === 'STAGING';
+    },
+
     async storedKeys(tx, keys) {
       const stored = new Map<string, number>();
       for (let i = 0; i < keys.length; i += PROBE_KEYS) {
@@ -266,7 +277,15 @@ export function createUsageLogsRepository(db: Database): UsageLogsRepository {
       for (let i = 0; i < eventIds.length; i += PROBE_KEYS) {
         const part = eventIds.slice(i, i + PROBE_KEYS).map((id) => `e:${id}`);
         while (part.length < PROBE_KEYS) part.push(part[0]);
-        const rows = await tx.all<{ id: number | string; dedup_key: string; user_id: number | string | null; service: string; quantity: string; usage_at: number | string | null }>(
+        const rows = await tx.all<{
+          id: number | string;
+          dedup_key: string;
+          user_id: number | string | null;
+          service: string;
+          quantity: string;
+          usage_at: number | string | null;
+          unsealed_run: number | string | null;
+        }>(
           EVENTS_SQL,
           part,
           { keep: true },
@@ -278,6 +297,7 @@ export function createUsageLogsRepository(db: Database): UsageLogsRepository {
             service: r.service,
             quantity: int64(r.quantity),
             usageAt: r.usage_at === null ? null : Number(r.usage_at),
+            unsealedRun: r.unsealed_run === null ? null : Number(r.unsealed_run),
           });
         }
       }

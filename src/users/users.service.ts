@@ -99,7 +99,9 @@ export function createUsersService(deps: UsersDeps): UsersService {
           const now = clock.now();
           const user = await users.create(tx, email, name, now);
           await ledger.open(tx, user.id, now);
-          // Usage recorded for this id before it existed is now the user's unbilled usage.
+          // Usage recorded for this id before it existed is now the user's unbilled usage. First wait for batches
+          // recording usage for this id right now (PostgreSQL): they found the id unknown and will not count it.
+          await db.lockUsers(tx, [user.id], 'exclusive');
           await usageLogs.countPendingOf(tx, user.id);
           if (key) await idempotency.complete(tx, key, user.id, now);
           return user;
