@@ -2,7 +2,7 @@
  * Benchmark entry: `npm run bench [-- options]`.
  *
  *   --quick                 100k entries only, shorter RPC runs
- *   --only ingest,rpc,...   parts to run (ingest, ingest-load, rpc, retries, growth; default all)
+ *   --only ingest,rpc,...   parts to run (ingest, ingest-load, rpc, retries, growth, usage-api; default all)
  *   --db sqlite|postgres    database (postgres: a fresh database from TEST_PG_ADMIN_URL)
  *   --replicas N            PostgreSQL: N service processes on one database for the RPC part
  *   --seconds S             duration of each RPC load run (default 10, quick 4)
@@ -22,6 +22,7 @@ import { runIngest } from './ingest';
 import { LOAD_IN_FLIGHT, runIngestLoad } from './ingest-load';
 import { runRetries } from './retries';
 import { runRpc } from './rpc';
+import { runUsageApi } from './usage-api';
 
 export function parseArgs(argv: string[]): BenchOptions {
   const opts: BenchOptions = {
@@ -109,6 +110,14 @@ async function main(): Promise<void> {
       results.growth = r;
       out.push(table('Growth: ingestion at 1x and 10x', r.ingest as never));
       out.push(table('Growth: ListUsageLogs latency by page depth (walk: page_size 500; first/deep: page_size 50, median of 30; grpc-js client, ms)', r.list as never));
+      save();
+    }
+    if (opts.only.includes('usage-api')) {
+      const r = await runUsageApi(opts);
+      results.usageApi = r;
+      out.push(table(`Usage over gRPC (${opts.db}, ${opts.rpcSeconds} s each; latency: RecordUsage call / StreamUsage send -> ack, both after the commit)`, r.rows as never));
+      out.push(table("GetUsageSummary of one user's month (ms, 200 calls each)", [r.summary] as never));
+      if (r.notes.length) out.push(r.notes.map((n) => `note: ${n}`).join('\n'));
       save();
     }
   } finally {
