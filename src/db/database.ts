@@ -108,6 +108,17 @@ export interface Database {
    */
   exclusive<T>(name: 'ingestion', work: () => Promise<T>): Promise<T>;
   /**
+   * Runs `write` (an insert of event rows) so that event ids become visible
+   * in id order. On SQLite at once (one writer: ids are taken in commit
+   * order). On PostgreSQL at the end of `tx`, after its other work, under a
+   * transaction-scoped advisory lock held until commit: a transaction that
+   * took a smaller id has committed before another can take a larger one,
+   * and the lock is held only for the insert and the COMMIT (taken earlier,
+   * it could wait in a cycle with the row locks taken after it). Only the
+   * events' door calls it.
+   */
+  inEventOrder(tx: Tx, write: () => Promise<void>): Promise<void>;
+  /**
    * For long work done in a series of short transactions (ingestion): should
    * the transaction begun at `startedMs` (performance.now()) commit now so
    * that other writes go in? On SQLite, as soon as another write waits for
@@ -133,6 +144,8 @@ export interface OpenDatabaseOptions {
 const EXCLUSIVE_KEYS = { ingestion: 72010001 } as const;
 /** The first key of lockUsers' two-key advisory locks (the second is the user id, folded into int4). */
 const USER_LOCK_SPACE = 72010003;
+/** The pg_advisory_xact_lock key that orders event ids. */
+const EVENT_ORDER_KEY = 72010004;
 
 /** chunkDue: least work before letting a waiting writer in, and most without one (SQLite); PostgreSQL's chunk. */
 const CHUNK_MIN_MS = 10;
@@ -142,6 +155,8 @@ const PG_CHUNK_MS = 250;
 class SqlDatabase implements Database {
   readonly dialect: Dialect;
   readonly em: EntityManager;
+  /** Per open transaction, the writes deferred to its end (see inEventOrder); gone with the Tx. */
+  private readonly beforeCommit = new WeakMap<Tx, (() => Promise<void>)[]>();
   private readonly groups: GroupCommit | null;
   /** The tail of the work each `exclusive` name runs in this process. */
   private readonly exclusives = new Map<string, Promise<unknown>>();
@@ -159,7 +174,15 @@ class SqlDatabase implements Database {
 
   async transaction<T>(work: (tx: Tx) => Promise<T>, opts: TransactionOptions = {}): Promise<T> {
     opts.signal?.throwIfAborted();
-    return this.em.fork().transactional(async (em) => work(txOf(em, await this.engine.statementsOf(em))));
+    return this.em.fork().transactional(async (em) => {
+      const tx = txOf(em, await this.engine.statementsOf(em));
+      const hooks: (() => Promise<void>)[] = [];
+      this.beforeCommit.set(tx, hooks);
+      const result = await work(tx);
+      // Writes deferred to the end of the transaction (inEventOrder), in the order they were asked for.
+      for (const hook of hooks) await hook();
+      return result;
+    });
   }
 
   groupWrite<T>(work: (tx: Tx) => Promise<T>, opts: TransactionOptions = {}): Promise<T> {
@@ -225,6 +248,16 @@ class SqlDatabase implements Database {
       run.catch(() => undefined),
     );
     return run;
+  }
+
+  async inEventOrder(tx: Tx, write: () => Promise<void>): Promise<void> {
+    if (this.dialect !== 'postgresql') return write();
+    const hooks = this.beforeCommit.get(tx);
+    if (!hooks) throw new Error('inEventOrder: not a transaction of this database');
+    hooks.push(async () => {
+      await tx.all(`select pg_advisory_xact_lock(${EVENT_ORDER_KEY})`, [], { keep: true });
+      await write();
+    });
   }
 
   chunkDue(startedMs: number): boolean {

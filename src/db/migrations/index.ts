@@ -6,6 +6,7 @@ import { Migration20261202000000WalletClosed } from './Migration20261202000000_w
 import { Migration20261202010000JobHeartbeat } from './Migration20261202010000_job_heartbeat';
 import { Migration20261202020000IngestionChunks } from './Migration20261202020000_ingestion_chunks';
 import { Migration20261202030000UsageApi } from './Migration20261202030000_usage_api';
+import { Migration20261203000000Events } from './Migration20261203000000_events';
 
 /** Every migration, in order. Listed here so that compiled code and ts-jest find them alike. */
 export const migrationsList = [
@@ -17,4 +18,5 @@ export const migrationsList = [
   { name: 'Migration20261202010000_job_heartbeat', class: Migration20261202010000JobHeartbeat },
   { name: 'Migration20261202020000_ingestion_chunks', class: Migration20261202020000IngestionChunks },
   { name: 'Migration20261202030000_usage_api', class: Migration20261202030000UsageApi },
+  { name: 'Migration20261203000000_events', class: Migration20261203000000Events },
 ];
