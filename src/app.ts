@@ -131,6 +131,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       batchMax: config.usageBatchMax,
       usageLogs,
       ledger,
+      metrics,
     });
     const jobs = createJobsService({ db, clock, log, jobRuns, ingest, billing, leaseMs: opts.jobLeaseMs, metrics });
     scheduler = createRetryScheduler({ db, clock, log, billing, jobs, pollMs: opts.schedulerPollMs });

@@ -204,6 +204,7 @@ export function jobRunToPb(run: JobRun): jobPb.JobRun {
     entriesRead: BigInt(run.entriesRead),
     entriesAccepted: BigInt(run.entriesAccepted),
     entriesDuplicate: BigInt(run.entriesDuplicate),
+    entriesConflict: BigInt(run.entriesConflict),
     entriesRejected: BigInt(run.entriesRejected),
     entriesPending: BigInt(run.entriesPending),
     billingRecordsCreated: BigInt(run.billingRecordsCreated),

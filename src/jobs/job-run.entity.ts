@@ -10,12 +10,13 @@ export type JobCounts = Omit<IngestCounts, 'notice'>;
 
 /** The counts of a run, as a plain object (for its log line and its row). */
 export function countsOf(run: JobCounts): JobCounts {
-  const { entriesRead, entriesAccepted, entriesDuplicate, entriesRejected, entriesPending } = run;
+  const { entriesRead, entriesAccepted, entriesDuplicate, entriesConflict, entriesRejected, entriesPending } = run;
   const { billingRecordsCreated, chargesSucceeded, retriesScheduled, recordsFailed, usersSuspended } = run;
   return {
     entriesRead,
     entriesAccepted,
     entriesDuplicate,
+    entriesConflict,
     entriesRejected,
     entriesPending,
     billingRecordsCreated,
@@ -36,6 +37,7 @@ export class JobRun implements JobCounts {
   entriesRead = 0;
   entriesAccepted = 0;
   entriesDuplicate = 0;
+  entriesConflict = 0;
   entriesRejected = 0;
   entriesPending = 0;
   billingRecordsCreated = 0;
@@ -71,6 +73,7 @@ export const JobRunSchema = new EntitySchema<JobRun>({
     entriesRead: count,
     entriesAccepted: count,
     entriesDuplicate: count,
+    entriesConflict: count,
     entriesRejected: count,
     entriesPending: count,
     billingRecordsCreated: count,

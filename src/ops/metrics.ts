@@ -4,7 +4,7 @@
  *
  *   billing_rpc_calls_total{method, code}               unary RPCs answered, refused ones included
  *   billing_rpc_duration_seconds{method, code}          histogram of the same calls
- *   billing_usage_entries_total{outcome, source}        billed | pending | rejected | duplicate; file
+ *   billing_usage_entries_total{outcome, source}        billed | accepted | pending | rejected | duplicate | conflict; file | api
  *   billing_charge_attempts_total{outcome, trigger}     charged | retry_scheduled | failed; new | manual | retry | settle
  *   billing_users_suspended_total                       users suspended for non-payment
  *   billing_job_run_duration_seconds{kind, status}      histogram of finished job runs
@@ -32,8 +32,8 @@ export interface PrometheusMetrics extends Metrics {
 
 const CHARGE_OUTCOMES: readonly ChargeAttemptOutcome[] = ['CHARGED', 'RETRY_SCHEDULED', 'FAILED'];
 const CHARGE_TRIGGERS: readonly ChargeAttemptTrigger[] = ['new', 'manual', 'retry', 'settle'];
-const USAGE_OUTCOMES: readonly (keyof UsageEntryCounts)[] = ['billed', 'pending', 'rejected', 'duplicate'];
-const USAGE_SOURCES: readonly UsageSource[] = ['file'];
+const USAGE_OUTCOMES: readonly (keyof UsageEntryCounts)[] = ['billed', 'accepted', 'pending', 'rejected', 'duplicate', 'conflict'];
+const USAGE_SOURCES: readonly UsageSource[] = ['file', 'api'];
 
 /** RPC latency buckets (seconds): from a cached read to a charge that waited for the writer. */
 const RPC_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
@@ -61,7 +61,7 @@ export function createPrometheusMetrics(deps: PrometheusMetricsDeps): Prometheus
   });
   const usageEntries = new Counter({
     name: 'billing_usage_entries_total',
-    help: 'New usage entries of sealed ingestion runs, by what became of them (billed, pending, rejected, duplicate) and their source.',
+    help: 'Usage entries of sealed ingestion runs (file) and committed RecordUsage/StreamUsage batches (api), by what became of them.',
     labelNames: ['outcome', 'source'] as const,
     registers,
   });

@@ -14,19 +14,23 @@ export type ChargeAttemptOutcome = 'CHARGED' | 'RETRY_SCHEDULED' | 'FAILED';
 /** What started a charge attempt (see ../billing/charge-decision.ts). */
 export type ChargeAttemptTrigger = 'new' | 'manual' | 'retry' | 'settle';
 
-/** Where usage entries came from: the usage log file (a gRPC source would add 'api'). */
-export type UsageSource = 'file';
+/** Where usage entries came from: the usage log file, or UsageService (RecordUsage, StreamUsage). */
+export type UsageSource = 'file' | 'api';
 
-/** New entries of one ingestion, by what became of them when they were stored. */
+/** New entries of one ingestion run or one recorded batch, by what became of them when they were stored. */
 export interface UsageEntryCounts {
-  /** Stored BILLED, on a record of this run. */
+  /** Stored BILLED, on a record of this run (file). */
   billed: number;
+  /** Stored, billable, to be billed by the next billing run (api: ACCEPTED). */
+  accepted: number;
   /** Valid but stored PENDING (unknown user, no price, over the record limit). */
   pending: number;
-  /** Invalid, stored REJECTED. */
+  /** Invalid: stored REJECTED (file) or answered REJECTED and not stored (api). */
   rejected: number;
-  /** Read again: stored by an earlier run. */
+  /** Recorded before with the same content: nothing stored. */
   duplicate: number;
+  /** Their id was recorded before with other content: nothing stored, the first stands. */
+  conflict: number;
 }
 
 export interface Metrics {
@@ -36,7 +40,7 @@ export interface Metrics {
   chargeAttempted(outcome: ChargeAttemptOutcome, trigger: ChargeAttemptTrigger): void;
   /** A user suspended for non-payment (committed). */
   userSuspended(): void;
-  /** The new entries of a sealed ingestion run. */
+  /** The entries of a sealed ingestion run, or of a committed batch of recorded usage. */
   usageEntriesStored(counts: UsageEntryCounts, source: UsageSource): void;
   /** A job run ended (and was recorded) with `status` after `seconds`. */
   jobRunFinished(kind: string, status: string, seconds: number): void;

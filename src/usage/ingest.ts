@@ -41,6 +41,8 @@ export interface IngestCounts {
   entriesRead: number;
   entriesAccepted: number;
   entriesDuplicate: number;
+  /** Entries whose producer id was recorded before (or earlier in the file) with other content: not stored. */
+  entriesConflict: number;
   entriesRejected: number;
   entriesPending: number;
   billingRecordsCreated: number;
@@ -93,6 +95,8 @@ const PENDING_PAGE = 5000;
 const ROLLBACK_ROWS = 5000;
 /** Batches read from the file ahead of the writer. */
 const READ_AHEAD = 4;
+/** Conflicting producer ids named in a run's log line, at most. */
+const CONFLICT_IDS_LOGGED = 10;
 
 /**
  * The file's batches, read up to READ_AHEAD ahead of the writer, so that a
@@ -157,6 +161,19 @@ interface Candidate {
   quantityScaled: bigint;
 }
 
+/**
+ * Two valid entries with one producer id but another user, service, quantity
+ * or time: a conflict (the first stands). Entries rejected as invalid are
+ * never compared: a bad entry reusing an id is a duplicate as before.
+ */
+function conflicting(
+  a: { userId: number | null; service: string; quantityScaled: bigint; usageAt: number | null },
+  b: Candidate,
+): boolean {
+  if (a.userId === null || b.userId === null) return false;
+  return a.userId !== b.userId || a.service !== b.service || a.quantityScaled !== b.quantityScaled || a.usageAt !== b.usageAt;
+}
+
 export function createIngestService(deps: IngestDeps): IngestService {
   const { db, clock, log, pricing, usageLogs, records, ledger } = deps;
   const metrics = deps.metrics ?? noMetrics;
@@ -181,6 +198,14 @@ export function createIngestService(deps: IngestDeps): IngestService {
     const overLimit: number[] = [];
     let accepted = 0;
     let rejected = 0;
+    /** Entries whose producer id was stored (or came earlier in the file) with other content: not stored. */
+    let conflicts = 0;
+    /** Some of their ids, for the run's log line. */
+    const conflictIds: string[] = [];
+    function noteConflict(id: string): void {
+      conflicts++;
+      if (conflictIds.length < CONFLICT_IDS_LOGGED) conflictIds.push(id);
+    }
     /** Of the accepted: stored BILLED (the rest are stored PENDING). */
     let billed = 0;
 
@@ -261,13 +286,26 @@ export function createIngestService(deps: IngestDeps): IngestService {
       );
       /** identity -> did this run store its first occurrence (c:<hash>:1)? Per batch. */
       const seenHere = new Map<string, boolean>();
+      /** Producer id -> the first entry of this batch with it (what a later one is compared with). */
+      const firstOfId = new Map<string, Candidate>();
+      /** Entries whose producer id is stored already: a duplicate, or a conflict if their content differs. */
+      const storedBefore: Candidate[] = [];
       const out: Candidate[] = [];
       const later: Candidate[] = [];
       for (const c of found) {
         const id = c.kind + c.identity;
         if (c.kind === 'e') {
-          // A producer id stored before, or earlier in this batch, is the same usage.
-          if (first.has(`e:${c.identity}`) || seenHere.has(id)) continue;
+          // A producer id stored before, or earlier in this batch, is that usage: the same, or a conflict.
+          if (first.has(`e:${c.identity}`)) {
+            storedBefore.push(c);
+            continue;
+          }
+          const earlier = firstOfId.get(c.identity);
+          if (earlier) {
+            if (conflicting(earlier, c)) noteConflict(c.identity);
+            continue;
+          }
+          firstOfId.set(c.identity, c);
           seenHere.set(id, true);
           c.key = `e:${c.identity}`;
           out.push(c);
@@ -290,6 +328,16 @@ export function createIngestService(deps: IngestDeps): IngestService {
         c.key = `${c.kind}:${c.identity}:${n}`;
         if (n === 1) continue; // its first key is stored by an earlier run: a duplicate
         later.push(c);
+      }
+      if (storedBefore.length > 0) {
+        const originals = await usageLogs.storedEvents(
+          tx,
+          storedBefore.map((c) => c.identity),
+        );
+        for (const c of storedBefore) {
+          const original = originals.get(c.identity);
+          if (original && conflicting({ ...original, quantityScaled: original.quantity }, c)) noteConflict(c.identity);
+        }
       }
       if (later.length === 0) return out;
       const stored = await usageLogs.storedKeys(
@@ -383,7 +431,7 @@ export function createIngestService(deps: IngestDeps): IngestService {
        * makes them due, bills the earlier PENDING usage that joined them, and
        * marks the run SEALED, all in `tx`. Returns the record ids.
        */
-      async seal(tx: Tx): Promise<{ ids: number[]; accepted: number; billed: number; rejected: number; pending: number }> {
+      async seal(tx: Tx): Promise<{ ids: number[]; accepted: number; billed: number; rejected: number; pending: number; conflicts: number; conflictIds: string[] }> {
         const drafts: UsageRecordDraft[] = [];
         for (const [userId, recordId] of recordOf) {
           const lines = [...totals.get(userId)!.entries()]
@@ -400,7 +448,7 @@ export function createIngestService(deps: IngestDeps): IngestService {
         }
         const pending = await usageLogs.explainPending(tx, jobRunId, pricedServices, OVER_RECORD_LIMIT, overLimit);
         await usageLogs.sealRun(tx, jobRunId);
-        return { ids: drafts.map((d) => d.id).sort((a, b) => a - b), accepted, billed, rejected, pending };
+        return { ids: drafts.map((d) => d.id).sort((a, b) => a - b), accepted, billed, rejected, pending, conflicts, conflictIds };
       },
     };
   }
@@ -434,6 +482,7 @@ export function createIngestService(deps: IngestDeps): IngestService {
         entriesRead: 0,
         entriesAccepted: 0,
         entriesDuplicate: 0,
+        entriesConflict: 0,
         entriesRejected: 0,
         entriesPending: 0,
         billingRecordsCreated: 0,
@@ -497,15 +546,24 @@ export function createIngestService(deps: IngestDeps): IngestService {
       }
       counts.entriesAccepted = sealed.accepted;
       counts.entriesRejected = sealed.rejected;
-      counts.entriesDuplicate = counts.entriesRead - sealed.accepted - sealed.rejected;
+      counts.entriesConflict = sealed.conflicts;
+      counts.entriesDuplicate = counts.entriesRead - sealed.accepted - sealed.rejected - sealed.conflicts;
       counts.entriesPending = sealed.pending;
+      if (sealed.conflicts > 0) {
+        log.warn(
+          { jobRunId, conflicts: sealed.conflicts, ids: sealed.conflictIds },
+          'usage entries reuse ids recorded before with other content (user, service, quantity or time): the first stand, these were not billed',
+        );
+      }
       // The run has sealed (committed): its new entries are counted once, by what they were stored as.
       metrics.usageEntriesStored(
         {
           billed: sealed.billed,
+          accepted: 0,
           pending: sealed.accepted - sealed.billed,
           rejected: sealed.rejected,
           duplicate: counts.entriesDuplicate,
+          conflict: sealed.conflicts,
         },
         'file',
       );

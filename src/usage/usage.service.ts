@@ -10,6 +10,7 @@ import type { CallContext } from '../shared/context';
 import type { Clock } from '../shared/clock';
 import { AppError, invalidArgument } from '../shared/errors';
 import { lineAmount } from '../shared/money';
+import { noMetrics, type Metrics, type UsageEntryCounts } from '../shared/metrics';
 import { readPage, type PageRequest } from '../shared/paging';
 import type { LedgerRepository } from '../wallets/ledger.repository';
 import { validateEntry, type RejectReason } from './entries';
@@ -87,7 +88,18 @@ export interface UsageDeps {
   batchMax: number;
   usageLogs: UsageLogsRepository;
   ledger: LedgerRepository;
+  /** Told of each answered batch's results, after their commit (default: nobody). */
+  metrics?: Metrics;
 }
+
+/** The metrics outcome of each answer. */
+const OUTCOME_OF: Record<UsageEventStatus, keyof UsageEntryCounts> = {
+  ACCEPTED: 'accepted',
+  PENDING: 'pending',
+  REJECTED: 'rejected',
+  DUPLICATE: 'duplicate',
+  CONFLICT: 'conflict',
+};
 
 const HOUR_MS = 3_600_000;
 const DAY_MS = 24 * HOUR_MS;
@@ -112,6 +124,15 @@ const sameContent = (a: { userId: number | null; service: string; quantity: bigi
 
 export function createUsageService(deps: UsageDeps): UsageService {
   const { db, clock, pricing, usageLogs, ledger } = deps;
+  const metrics = deps.metrics ?? noMetrics;
+
+  /** Counts a batch's answers (all committed, or never stored) as source 'api'. */
+  function observe(results: readonly UsageEventResult[]): UsageEventResult[] {
+    const counts: UsageEntryCounts = { billed: 0, accepted: 0, pending: 0, rejected: 0, duplicate: 0, conflict: 0 };
+    for (const r of results) counts[OUTCOME_OF[r.status]]++;
+    metrics.usageEntriesStored(counts, 'api');
+    return results as UsageEventResult[];
+  }
 
   /** Validates an event with the file's rules (and reasons); an id is required here. */
   function validate(e: UsageEventInput, index: number, now: Date): ValidEvent | UsageEventResult {
@@ -205,14 +226,14 @@ export function createUsageService(deps: UsageDeps): UsageService {
         if ('status' in v) results[i] = v;
         else valid.push(v);
       });
-      if (valid.length === 0) return results as UsageEventResult[];
+      if (valid.length === 0) return observe(results as UsageEventResult[]);
       // An id stored by an ingestion run that has not sealed yet is undecided: the run may still roll its rows back
       // (a cut file), and this event would be lost had it been answered DUPLICATE. Wait, outside any transaction,
       // until that run has sealed or rolled back, then record the batch again.
       for (const giveUpAt = Date.now() + OPEN_RUN_WAIT_MS; ; ) {
         try {
           await recordOnce(ctx, valid, results, now);
-          return results as UsageEventResult[];
+          return observe(results as UsageEventResult[]);
         } catch (err) {
           if (!(err instanceof HeldByOpenRun)) throw err;
           while (await usageLogs.runIsOpen(err.jobRunId)) {

@@ -145,13 +145,23 @@ describe('usage ingestion', () => {
     expect((await processLogs(t)).entriesDuplicate).toBe(2n);
   });
 
-  it('an entry id is its identity: the same id later in the file or in another run is a duplicate', async () => {
+  it('an entry id is its identity: the same id later in the file or in another run is a duplicate, or a conflict when its content differs', async () => {
     await start();
     await createUsers(t, 1);
-    writeNdjson(file, [entry(1, 'api-calls', 100, { id: 'evt-1' }), entry(1, 'api-calls', 999, { id: 'evt-1' })]);
+    writeNdjson(file, [
+      entry(1, 'api-calls', 100, { id: 'evt-1' }),
+      entry(1, 'api-calls', 100, { id: 'evt-1' }), // the same usage again
+      entry(1, 'api-calls', 999, { id: 'evt-1' }), // another quantity: a conflict, the first stands
+      entry(2, 'api-calls', 100, { id: 'evt-1' }), // another user: a conflict
+      entry(1, 'api-calls', -1, { id: 'evt-1' }), // invalid: rejected (by its content), never a conflict
+    ]);
     const run = await processLogs(t);
-    expect([run.entriesAccepted, run.entriesDuplicate]).toEqual([1n, 1n]);
+    expect([run.entriesRead, run.entriesAccepted, run.entriesRejected, run.entriesDuplicate, run.entriesConflict]).toEqual([5n, 1n, 1n, 1n, 2n]);
     expect(amountOf((await records(t))[0].amount)).toBe('1.000000');
+    // Read again: the stored usage decides, entry by entry (the rejected entry is stored, so a duplicate now).
+    const again = await processLogs(t);
+    expect([again.entriesRead, again.entriesAccepted, again.entriesRejected, again.entriesDuplicate, again.entriesConflict]).toEqual([5n, 0n, 0n, 3n, 2n]);
+    expect(await records(t)).toHaveLength(1);
   });
 
   it('accepts a string userId and resource as a synonym of service', async () => {

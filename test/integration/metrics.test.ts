@@ -97,6 +97,14 @@ describe('Prometheus metrics', () => {
     });
     const second = (await call(t.jobs, 'processLogs', {})).jobRun!;
     expect(second).toMatchObject({ entriesRead: 5n, entriesDuplicate: 5n, billingRecordsCreated: 0n });
+    // The same id with other content: a conflict (file).
+    writeNdjson(path.join(t.dir, 'usage-logs.json'), [entry(Number(payer!.id), 'api-calls', 100, { id: 'a' }), entry(Number(payer!.id), 'storage', 11, { id: 'b' })]);
+    expect((await call(t.jobs, 'processLogs', {})).jobRun!).toMatchObject({ entriesRead: 2n, entriesDuplicate: 1n, entriesConflict: 1n });
+    // Usage over gRPC: accepted, pending (unknown user), rejected (bad quantity); then a duplicate and a conflict.
+    const at = new Date('2026-11-02T10:00:00Z');
+    const ev = (id: string, userId: bigint, quantity: string) => ({ id, userId, service: 'api-calls', quantity, time: at });
+    await call(t.usage, 'recordUsage', { events: [ev('x1', payer!.id, '1'), ev('x2', 4243n, '1'), ev('x3', payer!.id, '-1')] });
+    await call(t.usage, 'recordUsage', { events: [ev('x1', payer!.id, '1'), ev('x1', payer!.id, '2')] });
 
     // A charge that fails: the first attempt schedules a retry, the last one (MAX_RETRIES=1) fails and suspends.
     const created = await call(t.billing, 'createBillingRecord', { userId: broke!.id, amount: money('5'), description: 'setup fee', requestId: '' });
@@ -112,7 +120,8 @@ describe('Prometheus metrics', () => {
       'code=OK,method=CreateUser': 2,
       'code=OK,method=AddFunds': 1,
       'code=NOT_FOUND,method=GetUser': 1,
-      'code=OK,method=ProcessLogs': 2,
+      'code=OK,method=ProcessLogs': 3,
+      'code=OK,method=RecordUsage': 2,
       'code=OK,method=CreateBillingRecord': 1,
       'code=OK,method=ProcessBillingRecord': 1,
     });
@@ -120,11 +129,20 @@ describe('Prometheus metrics', () => {
     expect(seriesOf(m, 'billing_rpc_duration_seconds_count')).toEqual(seriesOf(m, 'billing_rpc_calls_total'));
     expectWellFormedHistogram(m, 'billing_rpc_duration_seconds');
 
-    expect(seriesOf(m, 'billing_usage_entries_total')).toEqual({
+    // Every outcome and source exists (at 0 until counted).
+    const usageSeries = seriesOf(m, 'billing_usage_entries_total');
+    expect(Object.keys(usageSeries)).toHaveLength(12);
+    expect(Object.fromEntries(Object.entries(usageSeries).filter(([, v]) => v > 0))).toEqual({
       'outcome=billed,source=file': 2,
       'outcome=pending,source=file': 2,
       'outcome=rejected,source=file': 1,
-      'outcome=duplicate,source=file': 5,
+      'outcome=duplicate,source=file': 6,
+      'outcome=conflict,source=file': 1,
+      'outcome=accepted,source=api': 1,
+      'outcome=pending,source=api': 1,
+      'outcome=rejected,source=api': 1,
+      'outcome=duplicate,source=api': 1,
+      'outcome=conflict,source=api': 1,
     });
     const attempts = Object.fromEntries(Object.entries(seriesOf(m, 'billing_charge_attempts_total')).filter(([, v]) => v > 0));
     expect(attempts).toEqual({
@@ -134,7 +152,7 @@ describe('Prometheus metrics', () => {
     });
     expect(valueOf(m, 'billing_users_suspended_total')).toBe(1);
     expect(valueOf(m, 'billing_retries_pending')).toBe(0);
-    expect(seriesOf(m, 'billing_job_run_duration_seconds_count')).toEqual({ 'kind=PROCESS_LOGS,status=SUCCEEDED': 2 });
+    expect(seriesOf(m, 'billing_job_run_duration_seconds_count')).toEqual({ 'kind=PROCESS_LOGS,status=SUCCEEDED': 3 });
     expectWellFormedHistogram(m, 'billing_job_run_duration_seconds');
 
     // Process metrics, from the same registry.

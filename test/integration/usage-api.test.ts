@@ -349,6 +349,23 @@ describe('RecordUsage and the usage file: one identity space', () => {
     expect((await checkInvariants(t.app.db)).violations).toEqual([]);
   });
 
+  it('a file entry that reuses an API event id with other content is a conflict: counted, not stored, the API usage stands', async () => {
+    t = await startTestApp({}, { scheduler: false });
+    const u = Number(await createUser(t, 1, '100'));
+    const [api] = await recordUsage(t.usage, [event('shared-1', u, 'api-calls', '100')]);
+    writeNdjson(path.join(t.dir, 'usage-logs.json'), [
+      { id: 'shared-1', userId: u, service: 'api-calls', quantity: 100, timestamp: T0.toISOString() }, // the same usage
+      { id: 'shared-1', userId: u, service: 'api-calls', quantity: 101, timestamp: T0.toISOString() }, // another quantity
+      { id: 'shared-1', userId: u, service: 'api-calls', quantity: 100, timestamp: new Date(T0.getTime() + 1).toISOString() }, // another time
+    ]);
+    const run = await processLogs(t);
+    expect(run).toMatchObject({ entriesRead: 3n, entriesAccepted: 0n, entriesDuplicate: 1n, entriesConflict: 2n, billingRecordsCreated: 1n });
+    const logs = await usageLogs(t);
+    expect(logs.map((l) => [l.id, l.eventId, l.quantity])).toEqual([[api.usageId, 'shared-1', '100']]);
+    const { billingRecords } = await call(t.billing, 'listBillingRecords', { userId: 0n, status: 0, pageSize: 0, pageToken: '' });
+    expect(billingRecords.map((r) => micros(r.amount))).toEqual([1_000_000n]);
+  });
+
   it('ListUsageLogs filters by source and by usage time range', async () => {
     t = await startTestApp({}, { scheduler: false });
     const u = Number(await createUser(t, 1, '100'));

@@ -146,7 +146,10 @@ export interface JobRun {
   entriesRead: bigint;
   /** entries_accepted is the number of new entries stored as valid usage. */
   entriesAccepted: bigint;
-  /** entries_duplicate is the number of entries already ingested before. */
+  /**
+   * entries_duplicate is the number of entries already ingested before (the
+   * same usage: same id, or the same content without an id).
+   */
   entriesDuplicate: bigint;
   /** entries_rejected is the number of new entries rejected as invalid. */
   entriesRejected: bigint;
@@ -173,6 +176,13 @@ export interface JobRun {
    * (for example a JSON syntax error and its position); empty otherwise.
    */
   errorMessage: string;
+  /**
+   * entries_conflict is the number of entries whose id was recorded before
+   * (through UsageService, an earlier run, or earlier in the file) with other
+   * content (user, service, quantity or time): the first stands, these are
+   * not stored nor billed. Entries rejected as invalid are never conflicts.
+   */
+  entriesConflict: bigint;
 }
 
 /** ProcessLogsRequest is the input of ProcessLogs. */
@@ -240,6 +250,7 @@ function createBaseJobRun(): JobRun {
     recordsFailed: 0n,
     usersSuspended: 0n,
     errorMessage: "",
+    entriesConflict: 0n,
   };
 }
 
@@ -328,6 +339,12 @@ export const JobRun: MessageFns<JobRun> = {
     }
     if (message.errorMessage !== "") {
       writer.uint32(138).string(message.errorMessage);
+    }
+    if (message.entriesConflict !== 0n) {
+      if (BigInt.asIntN(64, message.entriesConflict) !== message.entriesConflict) {
+        throw new globalThis.Error("value provided for field message.entriesConflict of type int64 too large");
+      }
+      writer.uint32(144).int64(message.entriesConflict);
     }
     return writer;
   },
@@ -481,6 +498,14 @@ export const JobRun: MessageFns<JobRun> = {
             message.errorMessage = reader.string();
             continue;
           }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.entriesConflict = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -564,6 +589,11 @@ export const JobRun: MessageFns<JobRun> = {
         : isSet(object.error_message)
         ? globalThis.String(object.error_message)
         : "",
+      entriesConflict: isSet(object.entriesConflict)
+        ? BigInt(object.entriesConflict)
+        : isSet(object.entries_conflict)
+        ? BigInt(object.entries_conflict)
+        : 0n,
     };
   },
 
@@ -620,6 +650,9 @@ export const JobRun: MessageFns<JobRun> = {
     if (message.errorMessage !== "") {
       obj.errorMessage = message.errorMessage;
     }
+    if (message.entriesConflict !== 0n) {
+      obj.entriesConflict = message.entriesConflict.toString();
+    }
     return obj;
   },
 
@@ -666,6 +699,9 @@ export const JobRun: MessageFns<JobRun> = {
       ? BigInt(object.usersSuspended)
       : 0n;
     message.errorMessage = object.errorMessage ?? "";
+    message.entriesConflict = (object.entriesConflict !== undefined && object.entriesConflict !== null)
+      ? BigInt(object.entriesConflict)
+      : 0n;
     return message;
   },
 };
