@@ -15,8 +15,7 @@
  */
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
-import Database from 'better-sqlite3';
-import { SQLITE_PRAGMAS } from '../../src/db/engine';
+import { removeDb, scratchWithSchema } from './floor-schema';
 
 const COLUMNS = ['dedup_key', 'user_id', 'service', 'quantity', 'usage_at', 'status', 'reason', 'billing_record_id', 'job_run_id', 'ingested_at'];
 
@@ -33,15 +32,7 @@ async function main(): Promise<void> {
   const sampler = setInterval(() => (peak = Math.max(peak, process.memoryUsage.rss())), 20);
 
   // Same schema as the service's (copied from a migrated database).
-  const src = new Database(schemaDb, { readonly: true });
-  const ddl = src
-    .prepare(`select sql from sqlite_master where sql is not null and name not like 'sqlite_%' order by case type when 'table' then 0 else 1 end, rowid`)
-    .all() as { sql: string }[];
-  src.close();
-  for (const suffix of ['', '-wal', '-shm']) fs.rmSync(scratch + suffix, { force: true });
-  const db = new Database(scratch);
-  db.exec(SQLITE_PRAGMAS);
-  for (const { sql } of ddl) db.exec(sql);
+  const db = scratchWithSchema(schemaDb, scratch);
   if (extraPragmas) db.exec(extraPragmas); // experiments only: pragmas or schema changes after the copy
 
   const t0 = performance.now();
@@ -101,7 +92,7 @@ async function main(): Promise<void> {
   const { n } = db.prepare('select count(*) as n from usage_logs').get() as { n: number };
   db.close();
   clearInterval(sampler);
-  for (const suffix of ['', '-wal', '-shm']) fs.rmSync(scratch + suffix, { force: true });
+  removeDb(scratch);
   process.stdout.write(
     JSON.stringify({ rows: n, rowsPerStmt, parseMs: t1 - t0, insertMs: t3 - t2, totalMs: t1 - t0 + (t3 - t2), peakRssBytes: peak }) + '\n',
   );

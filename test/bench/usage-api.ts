@@ -12,37 +12,47 @@
 import * as grpc from '@grpc/grpc-js';
 import * as usagePb from '../../generated/billing/v1/usage_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
-import { freshDb, log, pct, seedUsers, sleep, startService, unary, type BenchOptions } from './common';
+import { execFile } from 'node:child_process';
+import { freshDb, log, paths, pct, seedUsers, sleep, startService, unary, type BenchOptions } from './common';
+import { BENCH_SERVICES, BENCH_USERS, benchEvent, MONTH_MS, MONTH_START } from './usage-data';
 
-const USERS = 1000;
+const USERS = BENCH_USERS;
 const RECORD_IN_FLIGHT = 8;
 const STREAM_WINDOW = 8;
-const SERVICES = ['api-calls', 'storage', 'bandwidth', 'compute'];
-const MONTH_START = Date.UTC(2026, 10, 1);
-const MONTH_MS = 30 * 86_400_000;
+const SERVICES = BENCH_SERVICES;
+/** Batches per COMMIT of the raw floor's two runs: one (a commit per batch) and STREAM_WINDOW (as group commit may). */
+const FLOOR_PER_COMMIT = [1, STREAM_WINDOW];
 
 export interface UsageApiRow {
   part: string;
   events: number;
   seconds: number;
   eventsPerSecond: number;
-  latencyP50Ms: number;
-  latencyP99Ms: number;
+  latencyP50Ms?: number;
+  latencyP99Ms?: number;
   getBalanceP99Ms?: number;
   getBalanceCalls?: number;
+  /** Service rows: events/s over the best raw floor of the same run (SQLite). */
+  ratioToFloor?: number;
 }
 
 let serial = 0;
 function batch(n: number, prefix: string): usagePb.UsageEvent[] {
   return Array.from({ length: n }, () => {
-    const k = serial++;
-    return {
-      id: `${prefix}-${k}`,
-      userId: BigInt(1 + (k % USERS)),
-      service: SERVICES[k % SERVICES.length],
-      quantity: `${1 + (k % 97)}.25`,
-      time: new Date(MONTH_START + ((k * 7919) % MONTH_MS)),
-    };
+    const e = benchEvent(prefix, serial++);
+    return { ...e, userId: BigInt(e.userId) };
+  });
+}
+
+/** The raw floor (floor-usage.ts) on a copy of this database's schema. */
+function runUsageFloor(schemaDb: string, seconds: number, perCommit: number): Promise<{ events: number; seconds: number; eventsPerSecond: number; commits: number }> {
+  return new Promise((resolve, reject) => {
+    execFile(
+      process.execPath,
+      [paths.benchJs('floor-usage.js'), schemaDb, `${schemaDb}.floor`, String(seconds), String(perCommit)],
+      { maxBuffer: 1 << 20 },
+      (err, stdout, stderr) => (err ? reject(new Error(`usage floor failed: ${stderr}`)) : resolve(JSON.parse(stdout.trim()))),
+    );
   });
 }
 
@@ -152,6 +162,17 @@ export async function runUsageApi(opts: BenchOptions): Promise<{ rows: UsageApiR
     for (const n of [1, 4]) {
       log(`usage-api: ${n} StreamUsage stream(s) for ${seconds} s, GetBalance beside`);
       rows.push(await streamsRun(usage, wallets, n, seconds));
+    }
+    if (db.kind === 'sqlite') {
+      // The floor: the same writes per batch of 1,000 straight through the driver, no service (floor-usage.ts).
+      let best = 0;
+      for (const perCommit of FLOOR_PER_COMMIT) {
+        log(`usage-api: raw floor, ${perCommit} batch(es) of 1,000 per COMMIT, for ${seconds} s`);
+        const f = await runUsageFloor(db.file!, seconds, perCommit);
+        best = Math.max(best, f.eventsPerSecond);
+        rows.push({ part: `raw floor, ${perCommit} batch(es)/COMMIT`, events: f.events, seconds: f.seconds, eventsPerSecond: f.eventsPerSecond });
+      }
+      for (const r of rows) if (!r.part.startsWith('raw floor')) r.ratioToFloor = r.eventsPerSecond / best;
     }
 
     // ---- summary of one user's month with >= 1M rows in the table ----

@@ -257,8 +257,15 @@ describe('RecordUsage', () => {
       ),
     );
     for (const f of first) expect(['OK', 'DEADLINE_EXCEEDED', 'CANCELLED']).toContain(f.code);
-    await sleep(200); // writes that had started when their deadline passed finish
-    const stored = new Map((await usageLogs(t)).map((l) => [l.eventId, l.id]));
+    // Writes that had started when their deadline passed still commit: wait until the stored rows stop changing
+    // (on a loaded machine a fixed pause was too short, and a late commit made a retry DUPLICATE unexpectedly).
+    let stored = new Map<string, bigint>();
+    for (let stable = 0; stable < 3; ) {
+      await sleep(150);
+      const now = new Map((await usageLogs(t)).map((l) => [l.eventId, l.id]));
+      stable = now.size === stored.size ? stable + 1 : 0;
+      stored = now;
+    }
     const retried = [];
     for (const events of batches) retried.push(await recordUsage(t.usage, events));
     for (const [b, results] of retried.entries()) {

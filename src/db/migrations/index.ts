@@ -8,6 +8,7 @@ import { Migration20261202020000IngestionChunks } from './Migration2026120202000
 import { Migration20261202030000UsageApi } from './Migration20261202030000_usage_api';
 import { Migration20261203000000Events } from './Migration20261203000000_events';
 import { Migration20261203010000JobConflicts } from './Migration20261203010000_job_conflicts';
+import { Migration20261203020000PendingIdIdx } from './Migration20261203020000_pending_id_idx';
 
 /** Every migration, in order. Listed here so that compiled code and ts-jest find them alike. */
 export const migrationsList = [
@@ -21,4 +22,5 @@ export const migrationsList = [
   { name: 'Migration20261202030000_usage_api', class: Migration20261202030000UsageApi },
   { name: 'Migration20261203000000_events', class: Migration20261203000000Events },
   { name: 'Migration20261203010000_job_conflicts', class: Migration20261203010000JobConflicts },
+  { name: 'Migration20261203020000_pending_id_idx', class: Migration20261203020000PendingIdIdx },
 ];
