@@ -5,15 +5,16 @@
  *   at once: events/s and call latency (the answer comes after the commit).
  * - StreamUsage with one and with four streams, each keeping `STREAM_WINDOW`
  *   batches of 1,000 in flight: events/s and ack latency (send -> ack, after
- *   the commit), while a GetBalance loop runs beside the streams: its p99.
+ *   the commit), while a GetBalance loop runs beside the streams on its own
+ *   thread (probe-worker.ts): its p99.
  * - GetUsageSummary of one user's month with at least 1M rows in usage_logs
  *   (topped up with rows written by the bench's own connection).
  */
 import * as grpc from '@grpc/grpc-js';
 import * as usagePb from '../../generated/billing/v1/usage_service';
-import * as walletPb from '../../generated/billing/v1/wallet_service';
 import { execFile } from 'node:child_process';
-import { freshDb, log, paths, pct, seedUsers, sleep, startService, unary, type BenchOptions } from './common';
+import { freshDb, log, paths, pct, seedUsers, startService, unary, type BenchOptions } from './common';
+import { startBalanceProbe } from './probe-worker';
 import { BENCH_SERVICES, BENCH_USERS, benchEvent, MONTH_MS, MONTH_START } from './usage-data';
 
 const USERS = BENCH_USERS;
@@ -113,22 +114,12 @@ function streamRun(client: usagePb.UsageServiceClient, seconds: number, tag: str
   });
 }
 
-async function streamsRun(usage: usagePb.UsageServiceClient, wallets: walletPb.WalletServiceClient, n: number, seconds: number): Promise<UsageApiRow> {
-  let running = true;
-  const balanceLatencies: number[] = [];
-  const balances = (async () => {
-    while (running) {
-      const t = performance.now();
-      await unary(wallets, 'getBalance', { userId: BigInt(1 + (balanceLatencies.length % USERS)) });
-      balanceLatencies.push(performance.now() - t);
-      await sleep(2);
-    }
-  })();
+async function streamsRun(usage: usagePb.UsageServiceClient, address: string, n: number, seconds: number): Promise<UsageApiRow> {
+  const probe = startBalanceProbe(address, USERS);
   const started = performance.now();
   const results = await Promise.all(Array.from({ length: n }, (_, i) => streamRun(usage, seconds, `s${n}-${i}`)));
   const s = (performance.now() - started) / 1000;
-  running = false;
-  await balances;
+  const balanceLatencies = await probe.stop();
   const events = results.reduce((sum, r) => sum + r.events, 0);
   const l = sorted(results.flatMap((r) => r.latencies));
   const b = sorted(balanceLatencies);
@@ -152,7 +143,6 @@ export async function runUsageApi(opts: BenchOptions): Promise<{ rows: UsageApiR
     await seedUsers(db, USERS, 10n ** 15n);
     const creds = grpc.credentials.createInsecure();
     const usage = new usagePb.UsageServiceClient(svc.address, creds);
-    const wallets = new walletPb.WalletServiceClient(svc.address, creds);
     const seconds = opts.rpcSeconds;
     const rows: UsageApiRow[] = [];
     for (const size of [100, 1000]) {
@@ -161,7 +151,7 @@ export async function runUsageApi(opts: BenchOptions): Promise<{ rows: UsageApiR
     }
     for (const n of [1, 4]) {
       log(`usage-api: ${n} StreamUsage stream(s) for ${seconds} s, GetBalance beside`);
-      rows.push(await streamsRun(usage, wallets, n, seconds));
+      rows.push(await streamsRun(usage, svc.address, n, seconds));
     }
     if (db.kind === 'sqlite') {
       // The floor: the same writes per batch of 1,000 straight through the driver, no service (floor-usage.ts).
@@ -224,8 +214,7 @@ export async function runUsageApi(opts: BenchOptions): Promise<{ rows: UsageApiR
       byDayP99Ms: pct(s2, 99),
     };
     usage.close();
-    wallets.close();
-    notes.push(`RecordUsage: ${RECORD_IN_FLIGHT} calls in flight; StreamUsage: ${STREAM_WINDOW} batches of 1,000 unanswered per stream; GetBalance one call at a time beside the streams`);
+    notes.push(`RecordUsage: ${RECORD_IN_FLIGHT} calls in flight; StreamUsage: ${STREAM_WINDOW} batches of 1,000 unanswered per stream; GetBalance one call at a time (then 2 ms) beside the streams, from its own thread`);
     return { rows, summary, notes };
   } finally {
     await svc.stop();
