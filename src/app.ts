@@ -28,6 +28,9 @@ import { createUsageLogsRepository } from './usage/usage-logs.repository';
 import { createUsageService } from './usage/usage.service';
 import { createUsersRepository } from './users/users.repository';
 import { createUsersService } from './users/users.service';
+import { createEventsRepository } from './events/events.repository';
+import { createBalanceAlerts } from './wallets/balance-alerts';
+import { createBalanceAlertsRepository } from './wallets/balance-alerts.repository';
 import { createLedgerRepository } from './wallets/ledger.repository';
 import { createWalletsService } from './wallets/wallets.service';
 
@@ -78,6 +81,19 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
     const records = createBillingRecordsRepository(db);
     const usageLogs = createUsageLogsRepository(db);
     const jobRuns = createJobRunsRepository(db);
+    const events = createEventsRepository(db);
+    const alertRows = createBalanceAlertsRepository(db);
+    const alerts = createBalanceAlerts({
+      db,
+      clock,
+      alerts: alertRows,
+      ledger,
+      usageLogs,
+      records,
+      events,
+      pricing: config.pricing,
+      defaultThreshold: config.lowBalanceThreshold,
+    });
     // One registry per app, built only when metrics are on; otherwise every report goes nowhere.
     const prometheus = config.metrics ? createPrometheusMetrics({ log, countPendingRetries: () => records.countPendingRetries() }) : null;
     const metrics = prometheus ?? noMetrics;
@@ -94,8 +110,8 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       onRetryScheduled: (at) => scheduler?.wake(at),
       metrics,
     });
-    const billing = createBillingService({ db, clock, log, records, ledger, users: userRows, charging, idempotency });
-    const users = createUsersService({ db, clock, users: userRows, ledger, records, usageLogs, idempotency, pricing: config.pricing });
+    const billing = createBillingService({ db, clock, log, records, ledger, users: userRows, charging, idempotency, alerts });
+    const users = createUsersService({ db, clock, users: userRows, ledger, records, usageLogs, idempotency, pricing: config.pricing, alerts: alertRows });
     const wallets = createWalletsService({
       db,
       clock,
@@ -106,6 +122,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       usageLogs,
       idempotency,
       pricing: config.pricing,
+      alerts,
       settle: (userId) => billing.settleUser(userId),
       onSettleFailed: () => scheduler?.requestSweep(),
     });
@@ -121,6 +138,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       records,
       ledger,
       billing,
+      alerts,
       metrics,
     });
     const usage = createUsageService({
@@ -132,6 +150,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       usageLogs,
       ledger,
       metrics,
+      alerts,
     });
     const jobs = createJobsService({ db, clock, log, jobRuns, ingest, billing, leaseMs: opts.jobLeaseMs, metrics });
     scheduler = createRetryScheduler({ db, clock, log, billing, jobs, pollMs: opts.schedulerPollMs });

@@ -23,6 +23,11 @@ export interface Config {
   usageReadTimeoutMs: number;
   /** Most events in one RecordUsage / StreamUsage batch. */
   usageBatchMax: number;
+  /**
+   * LOW_BALANCE_THRESHOLD: the deployment's low-balance threshold in micros (0: no balance.low events, while
+   * balance.depleted and balance.recovered still are); a user's own threshold (SetBalanceAlert) replaces it.
+   */
+  lowBalanceThreshold: bigint;
   /** service -> price of one unit, in micros. */
   pricing: ReadonlyMap<string, bigint>;
   retryBaseDelayMs: number;
@@ -117,6 +122,17 @@ function int(env: Env, name: string, def: number, min: number, max: number): num
   const value = Number(raw.trim());
   if (value < min || value > max) throw new ConfigError(`${name} must be between ${min} and ${max}, got ${value}`);
   return value;
+}
+
+/** A money setting: a decimal amount in the deployment's currency, not negative, in whole micros; in micros. */
+function money(env: Env, name: string, fallback: string): bigint {
+  const raw = env[name]?.trim() || fallback;
+  try {
+    return parseDecimal(raw, MONEY_SCALE);
+  } catch (e) {
+    const why = e instanceof DecimalError ? e.message : String(e);
+    throw new ConfigError(`${name} must be an amount like "10.00" (not negative, whole micros), got ${JSON.stringify(env[name])}: ${why}`);
+  }
 }
 
 export function parsePricing(text: string, name = 'PRICING'): Map<string, bigint> {
@@ -309,6 +325,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     logFilePath: env.LOG_FILE_PATH?.trim() || './data/usage-logs.json',
     usageReadTimeoutMs: int(env, 'USAGE_READ_TIMEOUT_MS', 30_000, 100, 3_600_000),
     usageBatchMax: int(env, 'USAGE_BATCH_MAX', 1000, 1, 10_000),
+    lowBalanceThreshold: money(env, 'LOW_BALANCE_THRESHOLD', '0'),
     pricing: env.PRICING ? parsePricing(env.PRICING) : parsePricing(JSON.stringify(DEFAULT_PRICING)),
     retryBaseDelayMs: int(env, 'RETRY_BASE_DELAY_MS', 1000, 1, 86_400_000),
     maxRetries: int(env, 'MAX_RETRIES', 5, 0, 30),

@@ -13,6 +13,7 @@ import type { Clock } from '../shared/clock';
 import { invalidArgument, notFound } from '../shared/errors';
 import { readPage, type PageRequest } from '../shared/paging';
 import type { UsersRepository } from '../users/users.repository';
+import type { BalanceAlerts } from '../wallets/balance-alerts';
 import type { LedgerRepository } from '../wallets/ledger.repository';
 import type { BillingRecordStatus } from './billing-record.entity';
 import type { ChargeOutcome, ChargeResult, CreateRecordInput, RecordView, RetryCounts } from './billing.types';
@@ -56,6 +57,8 @@ export interface BillingDeps {
   users: UsersRepository;
   charging: Charging;
   idempotency: IdempotencyKeys;
+  /** A manual record lowers the available balance: evaluated in its transaction. */
+  alerts: Pick<BalanceAlerts, 'evaluate'>;
 }
 
 const MAX_DESCRIPTION = 500;
@@ -68,7 +71,7 @@ function outcomeOf(status: BillingRecordStatus): ChargeOutcome {
 }
 
 export function createBillingService(deps: BillingDeps): BillingService {
-  const { db, clock, log, records, ledger, users, charging, idempotency } = deps;
+  const { db, clock, log, records, ledger, users, charging, idempotency, alerts } = deps;
 
   /** One attempt, then the record as committed after it. */
   async function chargeAndView(id: number, trigger: 'new' | 'manual'): Promise<ChargeResult> {
@@ -98,6 +101,7 @@ export function createBillingService(deps: BillingDeps): BillingService {
         const now = clock.now();
         // Due at once: if the process dies before the first attempt, the retry scheduler makes it.
         const recordId = await records.createManual(tx, input.userId, input.amount, description, now);
+        await alerts.evaluate(tx, [input.userId], now);
         if (key) await idempotency.complete(tx, key, recordId, now);
         return { id: recordId, replayed: false };
       }, ctx);

@@ -85,6 +85,8 @@ export interface BillingRecordsRepository {
   unpaidIds(userId: number): Promise<number[]>;
   /** What the user's unpaid (PENDING or FAILED) records add up to (committed read). */
   unpaidTotal(userId: number, read?: Read): Promise<bigint>;
+  /** unpaidTotal of each of `userIds` in `tx` (0 for a user without unpaid records). */
+  unpaidTotals(tx: Tx, userIds: readonly number[]): Promise<Map<number, bigint>>;
   /**
    * The records to attempt, locked until `tx` ends on PostgreSQL (id order).
    * `due`: only PENDING records due at `due`, skipping rows another replica holds.
@@ -308,6 +310,21 @@ export function createBillingRecordsRepository(db: Database): BillingRecordsRepo
         [userId],
       );
       return BigInt(hi ?? '0') * 4294967296n + BigInt(lo ?? '0');
+    },
+
+    async unpaidTotals(tx, userIds) {
+      const totals = new Map<number, bigint>(userIds.map((id) => [id, 0n]));
+      for (let i = 0; i < userIds.length; i += 500) {
+        const part = userIds.slice(i, i + 500);
+        const rows = await tx.all<{ user_id: number | string; hi: string; lo: string }>(
+          `select user_id, cast(sum(amount / 4294967296) as text) as hi, cast(sum(amount % 4294967296) as text) as lo
+           from billing_records where user_id in (${part.map(() => '?').join(', ')}) and status <> 'PAID' group by user_id`,
+          part,
+          { keep: part.length === 1 },
+        );
+        for (const r of rows) totals.set(Number(r.user_id), BigInt(r.hi) * 4294967296n + BigInt(r.lo));
+      }
+      return totals;
     },
 
     async readForCharge(tx, ids, due) {

@@ -78,6 +78,8 @@ export const METHOD_ROLES: Readonly<Record<string, readonly Role[]>> = Object.fr
   '/billing.v1.WalletService/GetBalance': BOTH,
   '/billing.v1.WalletService/AddFunds': BOTH,
   '/billing.v1.WalletService/ListWalletTransactions': BOTH,
+  '/billing.v1.WalletService/SetBalanceAlert': OPERATOR,
+  '/billing.v1.WalletService/GetBalanceAlert': BOTH,
 
   '/billing.v1.BillingService/CreateBillingRecord': BOTH,
   '/billing.v1.BillingService/GetBillingRecord': BOTH,

@@ -17,7 +17,7 @@ import type { UsageLog, UsageLogStatus, UsageSource } from '../usage/usage-log.e
 import type { SummaryGroupBy, UsageEventResult, UsageEventStatus, UsageSummaryRow } from '../usage/usage.service';
 import type { User, UserStatus } from '../users/user.entity';
 import type { WalletTransaction, WalletTransactionType } from '../wallets/wallet.entity';
-import type { WalletWithAvailable } from '../wallets/wallets.service';
+import type { BalanceAlertView, WalletWithAvailable } from '../wallets/wallets.service';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import type * as moneyPb from '../../generated/billing/v1/money';
@@ -119,6 +119,22 @@ export function walletToPb(wallet: WalletWithAvailable, currency: string): walle
     createTime: pbTime(wallet.createdAt),
     updateTime: pbTime(wallet.updatedAt),
     availableBalance: money(wallet.available, currency),
+  };
+}
+
+const ALERT_STATE: Record<BalanceAlertView['state'], walletPb.BalanceAlertState> = {
+  OK: walletPb.BalanceAlertState.BALANCE_ALERT_STATE_OK,
+  LOW: walletPb.BalanceAlertState.BALANCE_ALERT_STATE_LOW,
+  DEPLETED: walletPb.BalanceAlertState.BALANCE_ALERT_STATE_DEPLETED,
+};
+
+export function balanceAlertToPb(alert: BalanceAlertView, currency: string): walletPb.BalanceAlert {
+  return {
+    userId: BigInt(alert.userId),
+    threshold: money(alert.threshold, currency),
+    isDefault: alert.isDefault,
+    state: ALERT_STATE[alert.state],
+    availableBalance: money(alert.available, currency),
   };
 }
 

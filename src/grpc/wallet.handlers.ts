@@ -4,7 +4,7 @@ import { toId } from '../shared/ids';
 import { moneyToMicros } from '../shared/money';
 import * as pb from '../../generated/billing/v1/wallet_service';
 import type { Unary } from './adapter';
-import { money, pageRequest, walletToPb, walletTransactionToPb } from './convert';
+import { balanceAlertToPb, money, pageRequest, walletToPb, walletTransactionToPb } from './convert';
 
 export interface WalletHandlersDeps {
   unary: Unary;
@@ -34,6 +34,16 @@ export function createWalletHandlers({ unary, wallets, currency }: WalletHandler
         transaction: walletTransactionToPb(result.transaction, currency),
         settledBillingRecordIds: result.settledRecordIds.map((id) => BigInt(id)),
       };
+    }),
+
+    setBalanceAlert: unary<pb.SetBalanceAlertRequest, pb.SetBalanceAlertResponse>('SetBalanceAlert', async (req, ctx) => {
+      const userId = toId(req.userId, 'user_id');
+      const threshold = req.useDefault ? null : moneyToMicros(req.threshold, currency, 'threshold');
+      return { alert: balanceAlertToPb(await wallets.setBalanceAlert(ctx, userId, threshold), currency) };
+    }),
+
+    getBalanceAlert: unary<pb.GetBalanceAlertRequest, pb.GetBalanceAlertResponse>('GetBalanceAlert', async (req, ctx) => {
+      return { alert: balanceAlertToPb(await wallets.getBalanceAlert(ctx, toId(req.userId, 'user_id')), currency) };
     }),
 
     listWalletTransactions: unary<pb.ListWalletTransactionsRequest, pb.ListWalletTransactionsResponse>(

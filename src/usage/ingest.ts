@@ -30,6 +30,7 @@ import type { Database, Tx } from '../db/database';
 import type { Clock } from '../shared/clock';
 import { noMetrics, type Metrics } from '../shared/metrics';
 import { formatDecimal, INT64_MAX, lineAmount, QUANTITY_SCALE } from '../shared/money';
+import type { BalanceAlerts } from '../wallets/balance-alerts';
 import type { LedgerRepository } from '../wallets/ledger.repository';
 import { rejectedIdentity, usageIdentity, validateEntry, type IdentityKind } from './entries';
 import { digestBits, OccurrenceTable } from './occurrence-table';
@@ -71,6 +72,8 @@ export interface IngestDeps {
   records: BillingRecordsRepository;
   ledger: LedgerRepository;
   billing: Pick<BillingService, 'chargeNewRecords'>;
+  /** A sealed run lowers its users' available balances: evaluated in the sealing transaction. */
+  alerts: Pick<BalanceAlerts, 'evaluate'>;
   /** Told of each sealed run's new entries (default: nobody). */
   metrics?: Metrics;
 }
@@ -446,6 +449,8 @@ export function createIngestService(deps: IngestDeps): IngestService {
           // Another writer billed some of these entries first: undo the whole run rather than bill twice.
           if (linked !== entries.length) throw new Error(`usage of user ${userId} changed while billing; run aborted`);
         }
+        // The run's usage counts now (its records' amounts, and the earlier usage they billed): one evaluation for its users.
+        await deps.alerts.evaluate(tx, [...recordOf.keys()], clock.now());
         const pending = await usageLogs.explainPending(tx, jobRunId, pricedServices, OVER_RECORD_LIMIT, overLimit);
         await usageLogs.sealRun(tx, jobRunId);
         return { ids: drafts.map((d) => d.id).sort((a, b) => a - b), accepted, billed, rejected, pending, conflicts, conflictIds };

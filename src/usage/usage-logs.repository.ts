@@ -125,6 +125,8 @@ export interface UsageLogsRepository {
   forgetPendingOf(tx: Tx, userId: number): Promise<void>;
   /** The pending totals of a user, by service (committed read, or through `read`: a snapshot, a transaction). */
   pendingTotals(userId: number, read?: Read): Promise<Map<string, bigint>>;
+  /** pendingTotals of each of `userIds` in `tx` (an empty map for a user with none). */
+  pendingTotalsOf(tx: Tx, userIds: readonly number[]): Promise<Map<number, Map<string, bigint>>>;
   /** Billed and PENDING usage between `from` and `to`, per service and (when `periodMs`) per period. */
   summary(filter: { userId: number | null; service: string | null; from: Date; to: Date; periodMs: number | null }): Promise<UsageSummaryRow[]>;
   list(em: EntityManager, filter: UsageFilter, page: Page): Promise<{ items: UsageLog[]; nextPageToken: string }>;
@@ -411,6 +413,24 @@ export function createUsageLogsRepository(db: Database): UsageLogsRepository {
 
     async pendingTotals(userId, read = (sql, params) => db.read(sql, params)) {
       return joined(await read<{ service: string; hi: string; lo: string }>(TOTALS_SQL, [userId]));
+    },
+
+    async pendingTotalsOf(tx, userIds) {
+      const totals = new Map<number, Map<string, bigint>>(userIds.map((id) => [id, new Map()]));
+      for (let i = 0; i < userIds.length; i += 500) {
+        const part = userIds.slice(i, i + 500);
+        const rows = await tx.all<{ user_id: number | string; service: string; hi: string; lo: string }>(
+          `select user_id, service, cast(quantity_hi as text) as hi, cast(quantity_lo as text) as lo
+           from usage_pending_totals where user_id in (${placeholders(part.length)})`,
+          part,
+          { keep: part.length === 1 },
+        );
+        for (const r of rows) {
+          const quantity = BigInt(r.hi) * TWO_32 + BigInt(r.lo);
+          if (quantity !== 0n) totals.get(Number(r.user_id))?.set(r.service, quantity);
+        }
+      }
+      return totals;
     },
 
     async summary({ userId, service, from, to, periodMs }) {

@@ -12,6 +12,7 @@ import { AppError, invalidArgument } from '../shared/errors';
 import { lineAmount } from '../shared/money';
 import { noMetrics, type Metrics, type UsageEntryCounts } from '../shared/metrics';
 import { readPage, type PageRequest } from '../shared/paging';
+import type { BalanceAlerts } from '../wallets/balance-alerts';
 import type { LedgerRepository } from '../wallets/ledger.repository';
 import { validateEntry, type RejectReason } from './entries';
 import type { RawEntry } from './parser';
@@ -90,6 +91,8 @@ export interface UsageDeps {
   ledger: LedgerRepository;
   /** Told of each answered batch's results, after their commit (default: nobody). */
   metrics?: Metrics;
+  /** Usage recorded lowers available balances: evaluated in the batch's transaction. */
+  alerts: Pick<BalanceAlerts, 'evaluate'>;
 }
 
 /** The metrics outcome of each answer. */
@@ -123,7 +126,7 @@ const sameContent = (a: { userId: number | null; service: string; quantity: bigi
   a.userId === b.userId && a.service === b.service && a.quantity === b.quantity && a.usageAt === b.usageAt;
 
 export function createUsageService(deps: UsageDeps): UsageService {
-  const { db, clock, pricing, usageLogs, ledger } = deps;
+  const { db, clock, pricing, usageLogs, ledger, alerts } = deps;
   const metrics = deps.metrics ?? noMetrics;
 
   /** Counts a batch's answers (all committed, or never stored) as source 'api'. */
@@ -196,6 +199,8 @@ export function createUsageService(deps: UsageDeps): UsageService {
         const vanished = lost.filter((id) => !stored.has(id));
         if (vanished.length > 0) throw new AppError('ABORTED', 'CONCURRENT_UPDATE', 'usage was stored and removed again while recording it; retry');
       }
+      // The users whose available balance this batch lowered: new rows of live users and priced services.
+      await alerts.evaluate(tx, [...new Set([...firstHere.values()].filter((e) => inserted.has(`e:${e.id}`) && reasons.get(e.id) === '').map((e) => e.userId))], now);
       const answered = new Set<string>();
       for (const event of valid) {
         const mine = inserted.get(`e:${event.id}`);

@@ -13,6 +13,7 @@ import type { Clock } from '../shared/clock';
 import { alreadyExists, failedPrecondition, invalidArgument } from '../shared/errors';
 import { readPage, type PageRequest } from '../shared/paging';
 import type { UsageLogsRepository } from '../usage/usage-logs.repository';
+import type { BalanceAlertsRepository } from '../wallets/balance-alerts.repository';
 import type { LedgerRepository } from '../wallets/ledger.repository';
 import { User, type UserStatus } from './user.entity';
 import type { UsersRepository } from './users.repository';
@@ -63,6 +64,8 @@ export interface UsersDeps {
   usageLogs: UsageLogsRepository;
   idempotency: IdempotencyKeys;
   pricing: ReadonlyMap<string, bigint>;
+  /** The door of balance_alerts: a new user's row. */
+  alerts: Pick<BalanceAlertsRepository, 'open'>;
 }
 
 export function createUsersService(deps: UsersDeps): UsersService {
@@ -103,6 +106,8 @@ export function createUsersService(deps: UsersDeps): UsersService {
           // recording usage for this id right now (PostgreSQL): they found the id unknown and will not count it.
           await db.lockUsers(tx, [user.id], 'exclusive');
           await usageLogs.countPendingOf(tx, user.id);
+          // A new user has nothing to spend (0, less usage recorded for the id before): DEPLETED, and nothing crossed.
+          await deps.alerts.open(tx, user.id, 'DEPLETED', now);
           if (key) await idempotency.complete(tx, key, user.id, now);
           return user;
         }, ctx)

@@ -58,6 +58,12 @@ export interface LedgerRepository {
   /** Holds the wallet open until `tx` ends (PostgreSQL share lock); false when it is closed or missing. */
   holdOpen(tx: Tx, userId: number): Promise<boolean>;
   /**
+   * The balance of each user's open wallet (absent: closed or none), share-locked until `tx` ends (PostgreSQL):
+   * no credit or charge of these wallets commits meanwhile. A share lock never waits for another, nor for this
+   * transaction's own update of the row (a credit).
+   */
+  shareBalances(tx: Tx, userIds: readonly number[]): Promise<Map<number, bigint>>;
+  /**
    * Whether each user's wallet is open (a live user) or closed (a deleted
    * one); absent: no such user. The open ones are held open until `tx` ends.
    */
@@ -209,6 +215,22 @@ export function createLedgerRepository(db: Database): LedgerRepository {
     async holdOpen(tx, userId) {
       const rows = await tx.all(`select user_id from wallets where user_id = ? and closed_at is null${db.forShare()}`, [userId], { keep: true });
       return rows.length > 0;
+    },
+
+    async shareBalances(tx, userIds) {
+      const balances = new Map<number, bigint>();
+      const sorted = [...new Set(userIds)].sort((a, b) => a - b);
+      for (let i = 0; i < sorted.length; i += 500) {
+        const part = sorted.slice(i, i + 500);
+        const rows = await tx.all<{ user_id: number | string; balance: string }>(
+          `select user_id, cast(balance as text) as balance from wallets
+           where user_id in (${part.map(() => '?').join(', ')}) and closed_at is null order by user_id${db.forShare()}`,
+          part,
+          { keep: part.length === 1 },
+        );
+        for (const r of rows) balances.set(Number(r.user_id), int64(r.balance));
+      }
+      return balances;
     },
 
     async holdOpenMany(tx, userIds) {

@@ -18,13 +18,15 @@ import type { Clock } from '../shared/clock';
 import { failedPrecondition, invalidArgument, notFound } from '../shared/errors';
 import { readPage, type PageRequest } from '../shared/paging';
 import type { BillingRecordsRepository } from '../billing/records.repository';
-import { lineAmount } from '../shared/money';
 import type { UsageLogsRepository } from '../usage/usage-logs.repository';
 import type { UsersRepository } from '../users/users.repository';
+import { unbilledValue } from './available';
+import type { BalanceAlerts, BalanceAlertView } from './balance-alerts';
 import type { LedgerRepository, WalletView, WalletWithAvailable } from './ledger.repository';
 import type { WalletTransaction } from './wallet.entity';
 
 export type { WalletView, WalletWithAvailable } from './ledger.repository';
+export type { BalanceAlertView } from './balance-alerts';
 
 export interface AddFundsResult {
   /** The wallet after the credit and the settlement it triggered. */
@@ -41,6 +43,9 @@ export interface WalletsService {
   getBalance(ctx: CallContext, userId: number): Promise<{ balance: bigint; available: bigint }>;
   addFunds(ctx: CallContext, userId: number, amount: bigint, requestId: string): Promise<AddFundsResult>;
   listTransactions(ctx: CallContext, userId: number, page: PageRequest): Promise<{ items: WalletTransaction[]; nextPageToken: string }>;
+  /** SetBalanceAlert: threshold in micros (>= 0), or null for the deployment's LOW_BALANCE_THRESHOLD. */
+  setBalanceAlert(ctx: CallContext, userId: number, threshold: bigint | null): Promise<BalanceAlertView>;
+  getBalanceAlert(ctx: CallContext, userId: number): Promise<BalanceAlertView>;
 }
 
 export interface WalletsDeps {
@@ -53,6 +58,8 @@ export interface WalletsDeps {
   usageLogs: UsageLogsRepository;
   idempotency: IdempotencyKeys;
   pricing: ReadonlyMap<string, bigint>;
+  /** The balance alerts: a credit evaluates them in its transaction. */
+  alerts: BalanceAlerts;
   /**
    * Called after a credit commits, and again when the credit's request_id is
    * replayed: charges the user's unpaid records (the billing engine's
@@ -64,17 +71,7 @@ export interface WalletsDeps {
 }
 
 export function createWalletsService(deps: WalletsDeps): WalletsService {
-  const { db, clock, log, ledger, users, records, usageLogs, idempotency, settle, pricing } = deps;
-
-  /** What the user's recorded, unbilled usage will cost at today's prices: per service, rounded once. */
-  function unbilledValue(totals: ReadonlyMap<string, bigint>): bigint {
-    let value = 0n;
-    for (const [service, quantity] of totals) {
-      const price = pricing.get(service);
-      if (price !== undefined && quantity > 0n) value += lineAmount(quantity, price);
-    }
-    return value;
-  }
+  const { db, clock, log, ledger, users, records, usageLogs, idempotency, settle, pricing, alerts } = deps;
 
   /** The wallet and its available balance, all from one snapshot of committed data; null for no live user. */
   const withOwed = (wallet: WalletView, owed: bigint): WalletWithAvailable => ({ ...wallet, available: wallet.balance - owed });
@@ -85,7 +82,7 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
       async (read) => [await ledger.read(userId, read), await usageLogs.pendingTotals(userId, read), await records.unpaidTotal(userId, read)] as const,
     );
     if (!wallet) return null;
-    return withOwed(wallet, unbilledValue(totals) + unpaid);
+    return withOwed(wallet, unbilledValue(totals, pricing) + unpaid);
   }
 
   async function liveWallet(userId: number): Promise<WalletWithAvailable> {
@@ -108,7 +105,7 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
       /** What the user owes against the balance as of `tx`: unbilled usage at today's prices and unpaid records. */
       const owedIn = async (tx: Tx): Promise<bigint> => {
         const totals = await usageLogs.pendingTotals(userId, readIn(tx));
-        return unbilledValue(totals) + (await records.unpaidTotal(userId, readIn(tx)));
+        return unbilledValue(totals, pricing) + (await records.unpaidTotal(userId, readIn(tx)));
       };
       const result = await db.groupWrite(async (tx): Promise<AddFundsResult> => {
         if (key) {
@@ -135,7 +132,9 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
           throw failedPrecondition('BALANCE_OVERFLOW', 'the balance would exceed the largest amount a wallet can hold');
         }
         if (key) await idempotency.complete(tx, key, credited.transaction.id, now);
-        return { wallet: withOwed(credited.wallet, await owedIn(tx)), transaction: credited.transaction, settledRecordIds: [], replayed: false };
+        // The alert's evaluation reads the available balance (after its lock); the answer gives the same one.
+        const available = (await alerts.evaluate(tx, [userId], now)).get(userId)!;
+        return { wallet: { ...credited.wallet, available }, transaction: credited.transaction, settledRecordIds: [], replayed: false };
       }, ctx);
       // Settle on a replay too: the first call may have died between the credit's commit and its settlement, and
       // settling twice is harmless (each record is charged at most once).
@@ -154,6 +153,13 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
       });
       return { ...result, wallet: after ?? result.wallet, settledRecordIds: settled };
     },
+
+    async setBalanceAlert(ctx, userId, threshold) {
+      if (threshold !== null && threshold < 0n) throw invalidArgument('threshold', 'NEGATIVE_THRESHOLD', 'threshold must be zero or more');
+      return alerts.set(userId, threshold, ctx.signal);
+    },
+
+    getBalanceAlert: (_ctx, userId) => alerts.get(userId),
 
     async listTransactions(ctx, userId, pageReq) {
       const page = readPage(pageReq, { userId });

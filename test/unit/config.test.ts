@@ -138,6 +138,20 @@ describe('loadConfig overrides', () => {
     );
     expect(c.pricing.has('storage')).toBe(false);
   });
+
+  it('has no low-balance threshold by default (LOW_BALANCE_THRESHOLD 0: no balance.low events)', () => {
+    expect(loadConfig({}).lowBalanceThreshold).toBe(0n);
+    expect(loadConfig({ LOW_BALANCE_THRESHOLD: '' }).lowBalanceThreshold).toBe(0n);
+  });
+
+  it.each<[string, bigint]>([
+    ['10.00', 10_000_000n],
+    [' 2.5 ', 2_500_000n],
+    ['0.000001', 1n],
+    ['0', 0n],
+  ])('reads LOW_BALANCE_THRESHOLD %j as %s micros', (raw, micros) => {
+    expect(loadConfig({ LOW_BALANCE_THRESHOLD: raw }).lowBalanceThreshold).toBe(micros);
+  });
 });
 
 describe('loadConfig rejects invalid values with a ConfigError naming the variable', () => {
@@ -159,6 +173,10 @@ describe('loadConfig rejects invalid values with a ConfigError naming the variab
     ['PRICING', { PRICING: '{"api-calls":"0.0000001"}' }],
     ['PRICING', { PRICING: '{"api-calls":"cheap"}' }],
     ['PRICING', { PRICING: '{" api-calls":"0.01"}' }],
+    ['LOW_BALANCE_THRESHOLD', { LOW_BALANCE_THRESHOLD: '-1' }],
+    ['LOW_BALANCE_THRESHOLD', { LOW_BALANCE_THRESHOLD: '0.0000001' }],
+    ['LOW_BALANCE_THRESHOLD', { LOW_BALANCE_THRESHOLD: 'ten' }],
+    ['LOW_BALANCE_THRESHOLD', { LOW_BALANCE_THRESHOLD: '99999999999999' }],
     ['INGEST_CRON', { INGEST_CRON: 'not a cron' }],
     ['INGEST_CRON', { INGEST_CRON: '61 * * * *' }],
     ['DATABASE_URL', { DATABASE_URL: 'mysql://x' }],

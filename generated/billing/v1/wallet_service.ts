@@ -69,6 +69,59 @@ export function walletTransactionTypeToJSON(object: WalletTransactionType): stri
 }
 
 /**
+ * BalanceAlertState is where a user's available balance stands against their
+ * low-balance threshold.
+ */
+export enum BalanceAlertState {
+  /** BALANCE_ALERT_STATE_UNSPECIFIED - BALANCE_ALERT_STATE_UNSPECIFIED is never returned. */
+  BALANCE_ALERT_STATE_UNSPECIFIED = 0,
+  /** BALANCE_ALERT_STATE_OK - BALANCE_ALERT_STATE_OK: at or above the threshold. */
+  BALANCE_ALERT_STATE_OK = 1,
+  /** BALANCE_ALERT_STATE_LOW - BALANCE_ALERT_STATE_LOW: below the threshold, above zero. */
+  BALANCE_ALERT_STATE_LOW = 2,
+  /** BALANCE_ALERT_STATE_DEPLETED - BALANCE_ALERT_STATE_DEPLETED: zero or below. */
+  BALANCE_ALERT_STATE_DEPLETED = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function balanceAlertStateFromJSON(object: any): BalanceAlertState {
+  switch (object) {
+    case 0:
+    case "BALANCE_ALERT_STATE_UNSPECIFIED":
+      return BalanceAlertState.BALANCE_ALERT_STATE_UNSPECIFIED;
+    case 1:
+    case "BALANCE_ALERT_STATE_OK":
+      return BalanceAlertState.BALANCE_ALERT_STATE_OK;
+    case 2:
+    case "BALANCE_ALERT_STATE_LOW":
+      return BalanceAlertState.BALANCE_ALERT_STATE_LOW;
+    case 3:
+    case "BALANCE_ALERT_STATE_DEPLETED":
+      return BalanceAlertState.BALANCE_ALERT_STATE_DEPLETED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return BalanceAlertState.UNRECOGNIZED;
+  }
+}
+
+export function balanceAlertStateToJSON(object: BalanceAlertState): string {
+  switch (object) {
+    case BalanceAlertState.BALANCE_ALERT_STATE_UNSPECIFIED:
+      return "BALANCE_ALERT_STATE_UNSPECIFIED";
+    case BalanceAlertState.BALANCE_ALERT_STATE_OK:
+      return "BALANCE_ALERT_STATE_OK";
+    case BalanceAlertState.BALANCE_ALERT_STATE_LOW:
+      return "BALANCE_ALERT_STATE_LOW";
+    case BalanceAlertState.BALANCE_ALERT_STATE_DEPLETED:
+      return "BALANCE_ALERT_STATE_DEPLETED";
+    case BalanceAlertState.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/**
  * Wallet is a user's prepaid balance. The balance always equals the sum of
  * the ledger's credits minus its debits and is never below zero.
  */
@@ -206,6 +259,65 @@ export interface ListWalletTransactionsResponse {
   transactions: WalletTransaction[];
   /** next_page_token fetches the next page; empty at the end. */
   nextPageToken: string;
+}
+
+/** BalanceAlert is a user's low-balance alert. */
+export interface BalanceAlert {
+  /** user_id is the owner's id. */
+  userId: bigint;
+  /** threshold is the low-balance threshold in force. */
+  threshold?:
+    | Money
+    | undefined;
+  /**
+   * is_default is true when threshold is the deployment's
+   * LOW_BALANCE_THRESHOLD (no threshold of the user's own).
+   */
+  isDefault: boolean;
+  /**
+   * state is where the available balance stands against the threshold, as
+   * of the last change of the available balance.
+   */
+  state: BalanceAlertState;
+  /** available_balance is the available balance now. */
+  availableBalance?: Money | undefined;
+}
+
+/** SetBalanceAlertRequest is the input of SetBalanceAlert. */
+export interface SetBalanceAlertRequest {
+  /** user_id is the owner's id. */
+  userId: bigint;
+  /**
+   * threshold is the new threshold: zero or more, in the deployment's
+   * currency, in whole micros. Ignored with use_default.
+   */
+  threshold?:
+    | Money
+    | undefined;
+  /** use_default drops the user's own threshold: LOW_BALANCE_THRESHOLD applies. */
+  useDefault: boolean;
+}
+
+/** SetBalanceAlertResponse is the output of SetBalanceAlert. */
+export interface SetBalanceAlertResponse {
+  /**
+   * alert is the alert after the change. A new threshold is checked against
+   * the available balance at once, and may write balance.low,
+   * balance.recovered or balance.depleted.
+   */
+  alert?: BalanceAlert | undefined;
+}
+
+/** GetBalanceAlertRequest is the input of GetBalanceAlert. */
+export interface GetBalanceAlertRequest {
+  /** user_id is the owner's id. */
+  userId: bigint;
+}
+
+/** GetBalanceAlertResponse is the output of GetBalanceAlert. */
+export interface GetBalanceAlertResponse {
+  /** alert is the user's alert. */
+  alert?: BalanceAlert | undefined;
 }
 
 function createBaseWallet(): Wallet {
@@ -1332,6 +1444,474 @@ export const ListWalletTransactionsResponse: MessageFns<ListWalletTransactionsRe
   },
 };
 
+function createBaseBalanceAlert(): BalanceAlert {
+  return { userId: 0n, threshold: undefined, isDefault: false, state: 0, availableBalance: undefined };
+}
+
+export const BalanceAlert: MessageFns<BalanceAlert> = {
+  encode(message: BalanceAlert, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.userId !== 0n) {
+      if (BigInt.asIntN(64, message.userId) !== message.userId) {
+        throw new globalThis.Error("value provided for field message.userId of type int64 too large");
+      }
+      writer.uint32(8).int64(message.userId);
+    }
+    if (message.threshold !== undefined) {
+      Money.encode(message.threshold, writer.uint32(18).fork()).join();
+    }
+    if (message.isDefault !== false) {
+      writer.uint32(24).bool(message.isDefault);
+    }
+    if (message.state !== 0) {
+      writer.uint32(32).int32(message.state);
+    }
+    if (message.availableBalance !== undefined) {
+      Money.encode(message.availableBalance, writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): BalanceAlert {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseBalanceAlert();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.userId = reader.int64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.threshold = Money.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.isDefault = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.state = reader.int32() as any;
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.availableBalance = Money.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): BalanceAlert {
+    return {
+      userId: isSet(object.userId) ? BigInt(object.userId) : isSet(object.user_id) ? BigInt(object.user_id) : 0n,
+      threshold: isSet(object.threshold) ? Money.fromJSON(object.threshold) : undefined,
+      isDefault: isSet(object.isDefault)
+        ? globalThis.Boolean(object.isDefault)
+        : isSet(object.is_default)
+        ? globalThis.Boolean(object.is_default)
+        : false,
+      state: isSet(object.state) ? balanceAlertStateFromJSON(object.state) : 0,
+      availableBalance: isSet(object.availableBalance)
+        ? Money.fromJSON(object.availableBalance)
+        : isSet(object.available_balance)
+        ? Money.fromJSON(object.available_balance)
+        : undefined,
+    };
+  },
+
+  toJSON(message: BalanceAlert): unknown {
+    const obj: any = {};
+    if (message.userId !== 0n) {
+      obj.userId = message.userId.toString();
+    }
+    if (message.threshold !== undefined) {
+      obj.threshold = Money.toJSON(message.threshold);
+    }
+    if (message.isDefault !== false) {
+      obj.isDefault = message.isDefault;
+    }
+    if (message.state !== 0) {
+      obj.state = balanceAlertStateToJSON(message.state);
+    }
+    if (message.availableBalance !== undefined) {
+      obj.availableBalance = Money.toJSON(message.availableBalance);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<BalanceAlert>, I>>(base?: I): BalanceAlert {
+    return BalanceAlert.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<BalanceAlert>, I>>(object: I): BalanceAlert {
+    const message = createBaseBalanceAlert();
+    message.userId = (object.userId !== undefined && object.userId !== null) ? BigInt(object.userId) : 0n;
+    message.threshold = (object.threshold !== undefined && object.threshold !== null)
+      ? Money.fromPartial(object.threshold)
+      : undefined;
+    message.isDefault = object.isDefault ?? false;
+    message.state = object.state ?? 0;
+    message.availableBalance = (object.availableBalance !== undefined && object.availableBalance !== null)
+      ? Money.fromPartial(object.availableBalance)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseSetBalanceAlertRequest(): SetBalanceAlertRequest {
+  return { userId: 0n, threshold: undefined, useDefault: false };
+}
+
+export const SetBalanceAlertRequest: MessageFns<SetBalanceAlertRequest> = {
+  encode(message: SetBalanceAlertRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.userId !== 0n) {
+      if (BigInt.asIntN(64, message.userId) !== message.userId) {
+        throw new globalThis.Error("value provided for field message.userId of type int64 too large");
+      }
+      writer.uint32(8).int64(message.userId);
+    }
+    if (message.threshold !== undefined) {
+      Money.encode(message.threshold, writer.uint32(18).fork()).join();
+    }
+    if (message.useDefault !== false) {
+      writer.uint32(24).bool(message.useDefault);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetBalanceAlertRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetBalanceAlertRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.userId = reader.int64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.threshold = Money.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.useDefault = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetBalanceAlertRequest {
+    return {
+      userId: isSet(object.userId) ? BigInt(object.userId) : isSet(object.user_id) ? BigInt(object.user_id) : 0n,
+      threshold: isSet(object.threshold) ? Money.fromJSON(object.threshold) : undefined,
+      useDefault: isSet(object.useDefault)
+        ? globalThis.Boolean(object.useDefault)
+        : isSet(object.use_default)
+        ? globalThis.Boolean(object.use_default)
+        : false,
+    };
+  },
+
+  toJSON(message: SetBalanceAlertRequest): unknown {
+    const obj: any = {};
+    if (message.userId !== 0n) {
+      obj.userId = message.userId.toString();
+    }
+    if (message.threshold !== undefined) {
+      obj.threshold = Money.toJSON(message.threshold);
+    }
+    if (message.useDefault !== false) {
+      obj.useDefault = message.useDefault;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SetBalanceAlertRequest>, I>>(base?: I): SetBalanceAlertRequest {
+    return SetBalanceAlertRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SetBalanceAlertRequest>, I>>(object: I): SetBalanceAlertRequest {
+    const message = createBaseSetBalanceAlertRequest();
+    message.userId = (object.userId !== undefined && object.userId !== null) ? BigInt(object.userId) : 0n;
+    message.threshold = (object.threshold !== undefined && object.threshold !== null)
+      ? Money.fromPartial(object.threshold)
+      : undefined;
+    message.useDefault = object.useDefault ?? false;
+    return message;
+  },
+};
+
+function createBaseSetBalanceAlertResponse(): SetBalanceAlertResponse {
+  return { alert: undefined };
+}
+
+export const SetBalanceAlertResponse: MessageFns<SetBalanceAlertResponse> = {
+  encode(message: SetBalanceAlertResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.alert !== undefined) {
+      BalanceAlert.encode(message.alert, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetBalanceAlertResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetBalanceAlertResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.alert = BalanceAlert.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetBalanceAlertResponse {
+    return { alert: isSet(object.alert) ? BalanceAlert.fromJSON(object.alert) : undefined };
+  },
+
+  toJSON(message: SetBalanceAlertResponse): unknown {
+    const obj: any = {};
+    if (message.alert !== undefined) {
+      obj.alert = BalanceAlert.toJSON(message.alert);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SetBalanceAlertResponse>, I>>(base?: I): SetBalanceAlertResponse {
+    return SetBalanceAlertResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SetBalanceAlertResponse>, I>>(object: I): SetBalanceAlertResponse {
+    const message = createBaseSetBalanceAlertResponse();
+    message.alert = (object.alert !== undefined && object.alert !== null)
+      ? BalanceAlert.fromPartial(object.alert)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseGetBalanceAlertRequest(): GetBalanceAlertRequest {
+  return { userId: 0n };
+}
+
+export const GetBalanceAlertRequest: MessageFns<GetBalanceAlertRequest> = {
+  encode(message: GetBalanceAlertRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.userId !== 0n) {
+      if (BigInt.asIntN(64, message.userId) !== message.userId) {
+        throw new globalThis.Error("value provided for field message.userId of type int64 too large");
+      }
+      writer.uint32(8).int64(message.userId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetBalanceAlertRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetBalanceAlertRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.userId = reader.int64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetBalanceAlertRequest {
+    return {
+      userId: isSet(object.userId) ? BigInt(object.userId) : isSet(object.user_id) ? BigInt(object.user_id) : 0n,
+    };
+  },
+
+  toJSON(message: GetBalanceAlertRequest): unknown {
+    const obj: any = {};
+    if (message.userId !== 0n) {
+      obj.userId = message.userId.toString();
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetBalanceAlertRequest>, I>>(base?: I): GetBalanceAlertRequest {
+    return GetBalanceAlertRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetBalanceAlertRequest>, I>>(object: I): GetBalanceAlertRequest {
+    const message = createBaseGetBalanceAlertRequest();
+    message.userId = (object.userId !== undefined && object.userId !== null) ? BigInt(object.userId) : 0n;
+    return message;
+  },
+};
+
+function createBaseGetBalanceAlertResponse(): GetBalanceAlertResponse {
+  return { alert: undefined };
+}
+
+export const GetBalanceAlertResponse: MessageFns<GetBalanceAlertResponse> = {
+  encode(message: GetBalanceAlertResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.alert !== undefined) {
+      BalanceAlert.encode(message.alert, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetBalanceAlertResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetBalanceAlertResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.alert = BalanceAlert.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetBalanceAlertResponse {
+    return { alert: isSet(object.alert) ? BalanceAlert.fromJSON(object.alert) : undefined };
+  },
+
+  toJSON(message: GetBalanceAlertResponse): unknown {
+    const obj: any = {};
+    if (message.alert !== undefined) {
+      obj.alert = BalanceAlert.toJSON(message.alert);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetBalanceAlertResponse>, I>>(base?: I): GetBalanceAlertResponse {
+    return GetBalanceAlertResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetBalanceAlertResponse>, I>>(object: I): GetBalanceAlertResponse {
+    const message = createBaseGetBalanceAlertResponse();
+    message.alert = (object.alert !== undefined && object.alert !== null)
+      ? BalanceAlert.fromPartial(object.alert)
+      : undefined;
+    return message;
+  },
+};
+
 /** WalletService exposes each user's prepaid wallet and its append-only ledger. */
 export type WalletServiceService = typeof WalletServiceService;
 export const WalletServiceService = {
@@ -1385,6 +1965,39 @@ export const WalletServiceService = {
     responseDeserialize: (value: Buffer): ListWalletTransactionsResponse =>
       ListWalletTransactionsResponse.decode(value),
   },
+  /**
+   * SetBalanceAlert sets the user's low-balance threshold (or, with
+   * use_default, goes back to the deployment's LOW_BALANCE_THRESHOLD). When
+   * the available balance goes below the threshold a "balance.low" event is
+   * written once; back at or above it, "balance.recovered" once; at zero or
+   * below, "balance.depleted" once (see EventService).
+   */
+  setBalanceAlert: {
+    path: "/billing.v1.WalletService/SetBalanceAlert" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SetBalanceAlertRequest): Buffer =>
+      Buffer.from(SetBalanceAlertRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SetBalanceAlertRequest => SetBalanceAlertRequest.decode(value),
+    responseSerialize: (value: SetBalanceAlertResponse): Buffer =>
+      Buffer.from(SetBalanceAlertResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SetBalanceAlertResponse => SetBalanceAlertResponse.decode(value),
+  },
+  /**
+   * GetBalanceAlert returns the user's threshold and where the available
+   * balance stands against it.
+   */
+  getBalanceAlert: {
+    path: "/billing.v1.WalletService/GetBalanceAlert" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetBalanceAlertRequest): Buffer =>
+      Buffer.from(GetBalanceAlertRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetBalanceAlertRequest => GetBalanceAlertRequest.decode(value),
+    responseSerialize: (value: GetBalanceAlertResponse): Buffer =>
+      Buffer.from(GetBalanceAlertResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetBalanceAlertResponse => GetBalanceAlertResponse.decode(value),
+  },
 } as const;
 
 export interface WalletServiceServer extends UntypedServiceImplementation {
@@ -1403,6 +2016,19 @@ export interface WalletServiceServer extends UntypedServiceImplementation {
    * order.
    */
   listWalletTransactions: handleUnaryCall<ListWalletTransactionsRequest, ListWalletTransactionsResponse>;
+  /**
+   * SetBalanceAlert sets the user's low-balance threshold (or, with
+   * use_default, goes back to the deployment's LOW_BALANCE_THRESHOLD). When
+   * the available balance goes below the threshold a "balance.low" event is
+   * written once; back at or above it, "balance.recovered" once; at zero or
+   * below, "balance.depleted" once (see EventService).
+   */
+  setBalanceAlert: handleUnaryCall<SetBalanceAlertRequest, SetBalanceAlertResponse>;
+  /**
+   * GetBalanceAlert returns the user's threshold and where the available
+   * balance stands against it.
+   */
+  getBalanceAlert: handleUnaryCall<GetBalanceAlertRequest, GetBalanceAlertResponse>;
 }
 
 export interface WalletServiceClient extends Client {
@@ -1476,6 +2102,47 @@ export interface WalletServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ListWalletTransactionsResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * SetBalanceAlert sets the user's low-balance threshold (or, with
+   * use_default, goes back to the deployment's LOW_BALANCE_THRESHOLD). When
+   * the available balance goes below the threshold a "balance.low" event is
+   * written once; back at or above it, "balance.recovered" once; at zero or
+   * below, "balance.depleted" once (see EventService).
+   */
+  setBalanceAlert(
+    request: SetBalanceAlertRequest,
+    callback: (error: ServiceError | null, response: SetBalanceAlertResponse) => void,
+  ): ClientUnaryCall;
+  setBalanceAlert(
+    request: SetBalanceAlertRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SetBalanceAlertResponse) => void,
+  ): ClientUnaryCall;
+  setBalanceAlert(
+    request: SetBalanceAlertRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SetBalanceAlertResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * GetBalanceAlert returns the user's threshold and where the available
+   * balance stands against it.
+   */
+  getBalanceAlert(
+    request: GetBalanceAlertRequest,
+    callback: (error: ServiceError | null, response: GetBalanceAlertResponse) => void,
+  ): ClientUnaryCall;
+  getBalanceAlert(
+    request: GetBalanceAlertRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GetBalanceAlertResponse) => void,
+  ): ClientUnaryCall;
+  getBalanceAlert(
+    request: GetBalanceAlertRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GetBalanceAlertResponse) => void,
   ): ClientUnaryCall;
 }
 
