@@ -31,7 +31,7 @@ import type { Clock } from '../shared/clock';
 import { notFound } from '../shared/errors';
 import type { UsageLogsRepository } from '../usage/usage-logs.repository';
 import { availableBalance } from './available';
-import { alertEvents, alertState, type AlertState } from './balance-alert-rule';
+import { alertEvents, nextAlertState, type AlertState } from './balance-alert-rule';
 import type { BalanceAlertsRepository } from './balance-alerts.repository';
 import type { LedgerRepository } from './ledger.repository';
 
@@ -41,7 +41,7 @@ export interface BalanceAlertView {
   threshold: bigint;
   /** True when it is the deployment's (the user has none of their own). */
   isDefault: boolean;
-  /** As of the last change of the available balance. */
+  /** The alert's state (a latch, see AlertState), as of the last change of the available balance. */
   state: AlertState;
   /** The available balance now. */
   available: bigint;
@@ -90,7 +90,7 @@ export function createBalanceAlerts(deps: BalanceAlertsDeps): BalanceAlerts {
       available.set(userId, value);
       const row = rows.get(userId)!;
       const threshold = row.threshold ?? defaultThreshold;
-      const next = alertState(value, threshold);
+      const next = nextAlertState(row.state, value, threshold);
       if (next === row.state) continue;
       written.push(...alertEvents(userId, row.state, next, value, threshold));
       await alerts.moveState(tx, userId, next, now);

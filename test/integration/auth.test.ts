@@ -350,6 +350,7 @@ describe('the role table', () => {
     '/billing.v1.UserService/DeleteUser',
     '/billing.v1.UserService/SuspendUser',
     '/billing.v1.UserService/ActivateUser',
+    '/billing.v1.WalletService/SetBalanceAlert',
     ...Object.values(jobPb.JobServiceService).map((m) => m.path),
   ];
 

@@ -134,8 +134,10 @@ describe('server reflection', () => {
         'billing.v1.UserService/UpdateUser',
         'billing.v1.WalletService/AddFunds',
         'billing.v1.WalletService/GetBalance',
+        'billing.v1.WalletService/GetBalanceAlert',
         'billing.v1.WalletService/GetWallet',
         'billing.v1.WalletService/ListWalletTransactions',
+        'billing.v1.WalletService/SetBalanceAlert',
       ].sort(),
     );
   });

@@ -1,8 +1,8 @@
-import { alertEvents, alertState, type AlertState } from '../../src/wallets/balance-alert-rule';
+import { alertBand, alertEvents, nextAlertState, type AlertState } from '../../src/wallets/balance-alert-rule';
 
 const T = 10_000_000n; // 10.00
 
-describe('alertState', () => {
+describe('alertBand', () => {
   it.each<[bigint, bigint, AlertState]>([
     [T, T, 'OK'],
     [T + 1n, T, 'OK'],
@@ -14,7 +14,29 @@ describe('alertState', () => {
     [1n, 0n, 'OK'],
     [0n, 0n, 'DEPLETED'],
   ])('available %s against threshold %s is %s', (available, threshold, state) => {
-    expect(alertState(available, threshold)).toBe(state);
+    expect(alertBand(available, threshold)).toBe(state);
+  });
+});
+
+describe('nextAlertState', () => {
+  it.each<[AlertState, bigint, AlertState]>([
+    ['OK', T, 'OK'],
+    ['OK', T - 1n, 'LOW'],
+    ['OK', 0n, 'DEPLETED'],
+    ['LOW', T - 1n, 'LOW'],
+    ['LOW', T, 'OK'],
+    ['LOW', -1n, 'DEPLETED'],
+    // Back above zero but still low: stays DEPLETED (no second balance.depleted at the next zero).
+    ['DEPLETED', 1n, 'DEPLETED'],
+    ['DEPLETED', T - 1n, 'DEPLETED'],
+    ['DEPLETED', T, 'OK'],
+  ])('from %s at %s is %s', (from, available, to) => {
+    expect(nextAlertState(from, available, T)).toBe(to);
+  });
+
+  it('recovers with threshold 0 only above zero', () => {
+    expect(nextAlertState('DEPLETED', 0n, 0n)).toBe('DEPLETED');
+    expect(nextAlertState('DEPLETED', 1n, 0n)).toBe('OK');
   });
 });
 
@@ -30,7 +52,6 @@ describe('alertEvents', () => {
     ['LOW', 'DEPLETED', ['balance.depleted']],
     ['LOW', 'OK', ['balance.recovered']],
     ['DEPLETED', 'OK', ['balance.recovered']],
-    ['DEPLETED', 'LOW', []],
   ])('%s -> %s writes %j', (from, to, expected) => {
     expect(types(from, to)).toEqual(expected);
   });

@@ -75,11 +75,17 @@ export function walletTransactionTypeToJSON(object: WalletTransactionType): stri
 export enum BalanceAlertState {
   /** BALANCE_ALERT_STATE_UNSPECIFIED - BALANCE_ALERT_STATE_UNSPECIFIED is never returned. */
   BALANCE_ALERT_STATE_UNSPECIFIED = 0,
-  /** BALANCE_ALERT_STATE_OK - BALANCE_ALERT_STATE_OK: at or above the threshold. */
+  /** BALANCE_ALERT_STATE_OK - BALANCE_ALERT_STATE_OK: at or above the threshold (and above zero). */
   BALANCE_ALERT_STATE_OK = 1,
-  /** BALANCE_ALERT_STATE_LOW - BALANCE_ALERT_STATE_LOW: below the threshold, above zero. */
+  /** BALANCE_ALERT_STATE_LOW - BALANCE_ALERT_STATE_LOW: went below the threshold, not to zero. */
   BALANCE_ALERT_STATE_LOW = 2,
-  /** BALANCE_ALERT_STATE_DEPLETED - BALANCE_ALERT_STATE_DEPLETED: zero or below. */
+  /**
+   * BALANCE_ALERT_STATE_DEPLETED - BALANCE_ALERT_STATE_DEPLETED: went to zero or below, and has not been
+   * back at or above the threshold since (above zero but still below the
+   * threshold it stays DEPLETED: each state is entered with its event, so a
+   * user's events never hold two balance.depleted without a
+   * balance.recovered between).
+   */
   BALANCE_ALERT_STATE_DEPLETED = 3,
   UNRECOGNIZED = -1,
 }
@@ -275,8 +281,9 @@ export interface BalanceAlert {
    */
   isDefault: boolean;
   /**
-   * state is where the available balance stands against the threshold, as
-   * of the last change of the available balance.
+   * state is the alert's state as of the last change of the available
+   * balance: the state the user's last balance.* event entered (OK before
+   * any; a new user starts DEPLETED, without an event).
    */
   state: BalanceAlertState;
   /** available_balance is the available balance now. */
