@@ -12,6 +12,7 @@ import { createBillingRecordsRepository } from './billing/records.repository';
 import { checkExposure, type Config } from './config';
 import { openDatabase, type Database } from './db/database';
 import { createIdempotencyKeys } from './db/idempotency';
+import { createEventsRepository } from './events/events.repository';
 import { loadTokensFile, tokensFileWarning } from './grpc/auth';
 import { createGrpcServer, serverCredentials, type GrpcServer, type Services } from './grpc/server';
 import { createCron, type Cron } from './jobs/cron';
@@ -76,12 +77,13 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
   try {
     // The doors: every table has one owner, and every write goes through its named methods.
     const idempotency = createIdempotencyKeys();
-    const userRows = createUsersRepository(db);
-    const ledger = createLedgerRepository(db);
-    const records = createBillingRecordsRepository(db);
-    const usageLogs = createUsageLogsRepository(db);
-    const jobRuns = createJobRunsRepository(db);
+    // The outbox: each owner below appends the events of its changes in the changes' own transactions.
     const events = createEventsRepository(db);
+    const userRows = createUsersRepository(db, events);
+    const ledger = createLedgerRepository(db, events);
+    const records = createBillingRecordsRepository(db, events);
+    const usageLogs = createUsageLogsRepository(db);
+    const jobRuns = createJobRunsRepository(db, events);
     const alertRows = createBalanceAlertsRepository(db);
     const alerts = createBalanceAlerts({
       db,

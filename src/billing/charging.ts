@@ -113,7 +113,7 @@ export function createCharging(deps: ChargingDeps): Charging {
     for (const { row, decision } of transitions) {
       if (decision.action !== 'FAIL' || !decision.suspendUser) continue;
       const reason = `non-payment: billing record ${row.id} failed after ${decision.attemptCount} attempts`;
-      if (await users.suspendForNonPayment(tx, row.userId, reason, now)) suspended.add(row.id);
+      if (await users.suspendForNonPayment(tx, row.userId, row.id, reason, now)) suspended.add(row.id);
     }
     // Users suspended for non-payment with nothing unpaid left are active again.
     const paidUsers = [...new Set(transitions.filter((t) => t.decision.action === 'CHARGE').map((t) => t.row.userId))];

@@ -8,10 +8,17 @@
  * A usage record is reserved `staging` when its run first bills its user, and
  * sealed (amount, lines, due at once) when the run has read its whole file. A
  * staging record is invisible: never charged, never listed, NOT_FOUND by id.
+ *
+ * Each change appends its event in the same transaction: billing_record.created
+ * when a record becomes visible (createManual, sealUsageRecords; a staging
+ * record has none), and billing_record.paid / retry_scheduled / failed for
+ * each transition `apply` writes (ref_id = the record's id).
  */
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Database, Read, Tx } from '../db/database';
 import { epochMs, int64 } from '../db/types';
+import type { EventsRepository } from '../events/events.repository';
+import type { NewEvent } from '../events/events.types';
 import { notFound } from '../shared/errors';
 import { pageOf, type Page } from '../shared/paging';
 import { BillingRecord, LineItem, type BillingRecordStatus } from './billing-record.entity';
@@ -176,9 +183,26 @@ function chargeRow(r: { id: number | string; user_id: number | string; amount: s
   };
 }
 
+/** The event of a transition `apply` wrote. */
+function transitionEvent({ row, decision }: Transition): NewEvent {
+  const base = { userId: row.userId, refId: row.id };
+  switch (decision.action) {
+    case 'CHARGE':
+      return { ...base, type: 'billing_record.paid', payload: { billingRecordId: row.id, amount: row.amount, attemptCount: decision.attemptCount } };
+    case 'RETRY':
+      return {
+        ...base,
+        type: 'billing_record.retry_scheduled',
+        payload: { billingRecordId: row.id, attemptCount: decision.attemptCount, nextAttemptTime: decision.nextAttemptAt, reason: INSUFFICIENT_FUNDS },
+      };
+    case 'FAIL':
+      return { ...base, type: 'billing_record.failed', payload: { billingRecordId: row.id, attemptCount: decision.attemptCount, reason: INSUFFICIENT_FUNDS } };
+  }
+}
+
 const placeholders = (n: number): string => Array.from({ length: n }, () => '?').join(', ');
 
-export function createBillingRecordsRepository(db: Database): BillingRecordsRepository {
+export function createBillingRecordsRepository(db: Database, events: EventsRepository): BillingRecordsRepository {
   /** Moves each record of `list` from its read state with `set` (v.* are the per-row values). */
   async function moveMany(tx: Tx, list: readonly Transition[], set: string, setParams: unknown[], extra: (t: Transition) => unknown[], extraCols: string[]): Promise<void> {
     const cols = ['id', 'read_status', 'read_attempts', 'attempts', ...extraCols];
@@ -204,7 +228,9 @@ export function createBillingRecordsRepository(db: Database): BillingRecordsRepo
         [userId, amount.toString(), description, now.getTime(), now.getTime(), now.getTime()],
         { keep: true },
       );
-      return Number(row.id);
+      const id = Number(row.id);
+      await events.append(tx, [{ type: 'billing_record.created', userId, refId: id, payload: { billingRecordId: id, amount, jobRunId: 0 } }], now);
+      return id;
     },
 
     async reserveUsageRecords(tx, userIds, jobRunId, now) {
@@ -224,18 +250,29 @@ export function createBillingRecordsRepository(db: Database): BillingRecordsRepo
 
     async sealUsageRecords(tx, records, now) {
       const at = now.getTime();
+      const created: NewEvent[] = [];
       for (let i = 0; i < records.length; i += SET_ROWS) {
         const part = records.slice(i, i + SET_ROWS);
         // Due at once: the run charges them next, and if it dies first the retry scheduler does.
-        const changed = await tx.run(
+        const sealed = await tx.all<{ id: number | string; user_id: number | string; job_run_id: number | string | null }>(
           `update billing_records set amount = v.amount, description = v.description, staging = ?, next_attempt_at = ?, created_at = ?, updated_at = ?
            from (select column1 as id, column2 as amount, column3 as description
                  from (values ${part.map(() => '(cast(? as bigint), cast(? as bigint), ?)').join(', ')}) as t) as v
-           where billing_records.id = v.id and billing_records.staging = ?`,
+           where billing_records.id = v.id and billing_records.staging = ?
+           returning billing_records.id, billing_records.user_id, billing_records.job_run_id`,
           [false, at, at, at, ...part.flatMap((r) => [r.id, r.amount.toString(), r.description]), true],
         );
-        if (changed !== part.length) throw new Error('billing records of this run changed while ingesting; run aborted');
+        if (sealed.length !== part.length) throw new Error('billing records of this run changed while ingesting; run aborted');
+        const byId = new Map(sealed.map((r) => [Number(r.id), r]));
+        for (const r of part) {
+          const row = byId.get(r.id)!;
+          const jobRunId = row.job_run_id === null ? 0 : Number(row.job_run_id);
+          created.push({ type: 'billing_record.created', userId: Number(row.user_id), refId: r.id, payload: { billingRecordId: r.id, amount: r.amount, jobRunId } });
+        }
       }
+      // The records become visible now: their events go in the same transaction, in record order.
+      created.sort((a, b) => a.refId! - b.refId!);
+      await events.append(tx, created, now);
       const lines = records.flatMap((r) => r.lines.map((l) => [r.id, l.service, l.quantity.toString(), l.unitPrice.toString(), l.amount.toString()]));
       for (let i = 0; i < lines.length; i += SET_ROWS) {
         const part = lines.slice(i, i + SET_ROWS);
@@ -365,6 +402,7 @@ export function createBillingRecordsRepository(db: Database): BillingRecordsRepo
         () => [],
         [],
       );
+      await events.append(tx, transitions.map(transitionEvent), now);
     },
 
     async dueIds(em, now, limit) {

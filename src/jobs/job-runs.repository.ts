@@ -2,9 +2,11 @@
  * The door of the `job_runs` table: a run is claimed (inserted RUNNING, with
  * its period for scheduled runs), renews its lease while it works, and is
  * closed once, as SUCCEEDED or FAILED, by its process or by another process
- * once its lease ran out.
+ * once its lease ran out. Closing a run and its job_run.finished event are
+ * one transaction, so a run is never seen ended without its event.
  */
-import type { Database } from '../db/database';
+import type { Database, Tx } from '../db/database';
+import type { EventsRepository } from '../events/events.repository';
 import { isUniqueViolation } from '../db/errors';
 import { pageOf, type Page } from '../shared/paging';
 import { countsOf, JobRun, type JobKind } from './job-run.entity';
@@ -24,7 +26,18 @@ export interface JobRunsRepository {
   list(page: Page): Promise<{ items: JobRun[]; nextPageToken: string }>;
 }
 
-export function createJobRunsRepository(db: Database): JobRunsRepository {
+export function createJobRunsRepository(db: Database, events: EventsRepository): JobRunsRepository {
+  /** The events of the runs a statement just closed (ids in order), all as FAILED with `message`. */
+  async function finished(tx: Tx, closed: readonly { id: number | string; kind: string }[], message: string, now: Date): Promise<number> {
+    const runs = closed.map((r) => ({ id: Number(r.id), kind: r.kind })).sort((a, b) => a.id - b.id);
+    await events.append(
+      tx,
+      runs.map((r) => ({ type: 'job_run.finished' as const, userId: 0, refId: r.id, payload: { jobRunId: r.id, kind: r.kind, status: 'FAILED', errorMessage: message } })),
+      now,
+    );
+    return runs.length;
+  }
+
   return {
     async claim(kind, trigger, periodKey, now) {
       const run = new JobRun(kind, trigger, now);
@@ -44,27 +57,41 @@ export function createJobRunsRepository(db: Database): JobRunsRepository {
     },
 
     async close(run) {
-      const { id, status, endedAt, errorMessage } = run;
-      await db.fork().nativeUpdate(JobRun, { id, status: 'RUNNING' }, { status, endedAt, errorMessage, heartbeatAt: null, ...countsOf(run) });
+      const { id, kind, status, endedAt, errorMessage } = run;
+      if (!endedAt) throw new Error(`job run ${id}: closed without an end time`);
+      const at = endedAt;
+      await db.transaction(async (tx) => {
+        const changed = await tx.em.nativeUpdate(
+          JobRun,
+          { id, status: 'RUNNING' },
+          { status, endedAt: at, errorMessage, heartbeatAt: null, ...countsOf(run) },
+        );
+        if (changed !== 1) return; // a reaper closed it first, with its own event
+        await events.append(tx, [{ type: 'job_run.finished', userId: 0, refId: id, payload: { jobRunId: id, kind, status, errorMessage } }], at);
+      });
     },
 
     async reapExpired(before, exclude, now, message) {
-      const em = db.fork();
-      const stale = await em.find(JobRun, { status: 'RUNNING', heartbeatAt: { $lt: before } }, { fields: ['id'] });
-      let closed = 0;
-      for (const { id } of stale) {
-        if (exclude.has(id)) continue;
-        closed += await em.nativeUpdate(
-          JobRun,
-          { id, status: 'RUNNING', heartbeatAt: { $lt: before } },
-          { status: 'FAILED', endedAt: now, heartbeatAt: null, errorMessage: message },
+      const skip = [...exclude];
+      return db.transaction(async (tx) => {
+        const closed = await tx.all<{ id: number | string; kind: string }>(
+          `update job_runs set status = 'FAILED', ended_at = ?, heartbeat_at = null, error_message = ?
+           where status = 'RUNNING' and heartbeat_at < ?${skip.length ? ` and id not in (${skip.map(() => '?').join(', ')})` : ''}
+           returning id, kind`,
+          [now.getTime(), message, before.getTime(), ...skip],
         );
-      }
-      return closed;
+        return finished(tx, closed, message, now);
+      });
     },
 
     closeAllRunning(now, message) {
-      return db.fork().nativeUpdate(JobRun, { status: 'RUNNING' }, { status: 'FAILED', endedAt: now, heartbeatAt: null, errorMessage: message });
+      return db.transaction(async (tx) => {
+        const closed = await tx.all<{ id: number | string; kind: string }>(
+          `update job_runs set status = 'FAILED', ended_at = ?, heartbeat_at = null, error_message = ? where status = 'RUNNING' returning id, kind`,
+          [now.getTime(), message],
+        );
+        return finished(tx, closed, message, now);
+      });
     },
 
     async list(page) {

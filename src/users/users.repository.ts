@@ -2,10 +2,13 @@
  * The door of the `users` table: every write to it goes through a named
  * method here (creating, profile changes, suspension and reactivation by hand
  * or for non-payment, deletion). Reads of one user go through the unit of work
- * (MikroORM), lists page by id.
+ * (MikroORM), lists page by id. Every change that moves a user (created,
+ * suspended, reactivated, deleted) appends its event in the same transaction,
+ * and only when it did move them.
  */
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Database, Tx } from '../db/database';
+import type { EventsRepository } from '../events/events.repository';
 import { notFound } from '../shared/errors';
 import { pageOf, type Page } from '../shared/paging';
 import { User, type UserStatus } from './user.entity';
@@ -20,21 +23,21 @@ export interface UsersRepository {
   create(tx: Tx, email: string, name: string, now: Date): Promise<User>;
   /** Writes the changed email/name of a user loaded in `tx`'s unit of work. */
   saveProfile(tx: Tx, user: User, changes: { email?: string; name?: string }, now: Date): Promise<void>;
-  /** Suspends by hand (an operator's reason); settlement never lifts it. */
+  /** Suspends by hand (an operator's reason); settlement never lifts it. No event when it changes nothing (the same reason again). */
   suspend(tx: Tx, user: User, reason: string, now: Date): Promise<void>;
-  /** Reactivates by hand, whatever the suspension was for. */
+  /** Reactivates by hand, whatever the suspension was for (no event for a user who was ACTIVE). */
   activate(tx: Tx, user: User, now: Date): Promise<void>;
   /** Marks the user deleted (the caller closed the wallet and checked nothing is unpaid). */
   markDeleted(tx: Tx, user: User, now: Date): Promise<void>;
-  /** Suspends an ACTIVE user for non-payment; true when this call suspended them. */
-  suspendForNonPayment(tx: Tx, userId: number, reason: string, now: Date): Promise<boolean>;
+  /** Suspends an ACTIVE user for non-payment of `billingRecordId`; true when this call suspended them. */
+  suspendForNonPayment(tx: Tx, userId: number, billingRecordId: number, reason: string, now: Date): Promise<boolean>;
   /** Reactivates those of `userIds` suspended for non-payment that have no unpaid record left. */
   reactivateIfSettled(tx: Tx, userIds: readonly number[], now: Date): Promise<void>;
   /** True when the user is suspended for non-payment (a committed read). */
   isSuspendedForNonPayment(userId: number): Promise<boolean>;
 }
 
-export function createUsersRepository(db: Database): UsersRepository {
+export function createUsersRepository(db: Database, events: EventsRepository): UsersRepository {
   return {
     async getLive(em, id) {
       const user = await em.findOne(User, { id, deletedAt: null });
@@ -59,6 +62,7 @@ export function createUsersRepository(db: Database): UsersRepository {
     async create(tx, email, name, now) {
       const user = new User(email, name, now);
       await tx.em.persistAndFlush(user);
+      await events.append(tx, [{ type: 'user.created', userId: user.id, refId: null, payload: { name, email } }], now);
       return user;
     },
 
@@ -70,46 +74,63 @@ export function createUsersRepository(db: Database): UsersRepository {
     },
 
     async suspend(tx, user, reason, now) {
+      const moved = user.status !== 'SUSPENDED' || user.suspensionReason !== reason || user.suspendedForNonPayment;
       user.status = 'SUSPENDED';
       user.suspensionReason = reason;
       user.suspendedForNonPayment = false;
       user.updatedAt = now;
       await tx.em.flush();
+      if (moved) await events.append(tx, [{ type: 'user.suspended', userId: user.id, refId: null, payload: { reason, billingRecordId: 0 } }], now);
     },
 
     async activate(tx, user, now) {
+      const moved = user.status !== 'ACTIVE';
       user.status = 'ACTIVE';
       user.suspensionReason = '';
       user.suspendedForNonPayment = false;
       user.updatedAt = now;
       await tx.em.flush();
+      if (moved) await events.append(tx, [{ type: 'user.reactivated', userId: user.id, refId: null, payload: { settled: false } }], now);
     },
 
     async markDeleted(tx, user, now) {
       user.deletedAt = now;
       user.updatedAt = now;
       await tx.em.flush();
+      await events.append(tx, [{ type: 'user.deleted', userId: user.id, refId: null, payload: {} }], now);
     },
 
-    async suspendForNonPayment(tx, userId, reason, now) {
+    async suspendForNonPayment(tx, userId, billingRecordId, reason, now) {
       const changed = await tx.run(
         `update users set status = 'SUSPENDED', suspension_reason = ?, suspended_for_non_payment = ?, updated_at = ?
          where id = ? and status = 'ACTIVE'`,
         [reason, true, now.getTime(), userId],
       );
-      return changed === 1;
+      if (changed !== 1) return false;
+      await events.append(tx, [{ type: 'user.suspended', userId, refId: null, payload: { reason, billingRecordId } }], now);
+      return true;
     },
 
     async reactivateIfSettled(tx, userIds, now) {
+      const moved: number[] = [];
       for (let i = 0; i < userIds.length; i += 500) {
         const part = userIds.slice(i, i + 500);
-        await tx.run(
+        const rows = await tx.all<{ id: number | string }>(
           `update users set status = 'ACTIVE', suspension_reason = '', suspended_for_non_payment = ?, updated_at = ?
            where id in (${part.map(() => '?').join(', ')}) and status = 'SUSPENDED' and suspended_for_non_payment = ?
-             and not exists (select 1 from billing_records b where b.user_id = users.id and b.status <> 'PAID')`,
+             and not exists (select 1 from billing_records b where b.user_id = users.id and b.status <> 'PAID')
+           returning id`,
           [false, now.getTime(), ...part, true],
         );
+        for (const r of rows) moved.push(Number(r.id));
       }
+      // Only the users this call moved, in id order.
+      moved.sort((a, b) => a - b);
+      await events.append(
+        tx,
+        moved.map((id) => ({ type: 'user.reactivated' as const, userId: id, refId: null, payload: { settled: true } })),
+        now,
+      );
     },
 
     async isSuspendedForNonPayment(userId) {

@@ -5,11 +5,15 @@
  * caller's transaction, so `balance == credits - debits` and `balance >= 0`
  * hold on SQLite (which ignores row locks) and PostgreSQL alike. A wallet is
  * closed when its user is deleted, on the same row, so a delete and a
- * credit or debit of the wallet can never both commit.
+ * credit or debit of the wallet can never both commit. Every ledger row
+ * writes its event (wallet.credited / wallet.debited, ref_id = the row's id)
+ * in the same statement's transaction, through the events' door.
  */
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Database, Read, Tx } from '../db/database';
 import { epochMs, int64 } from '../db/types';
+import type { EventsRepository } from '../events/events.repository';
+import type { NewEvent } from '../events/events.types';
 import { INT64_MAX } from '../shared/money';
 import { pageOf, type Page } from '../shared/paging';
 import { Wallet, WalletTransaction } from './wallet.entity';
@@ -94,6 +98,13 @@ const LEDGER_COLUMNS =
 /** Ledger rows per multi-row INSERT (5 parameters each). */
 const LEDGER_ROWS = 1000;
 
+const debited = (id: number, userId: number, amount: bigint, balanceAfter: bigint, billingRecordId: number): NewEvent => ({
+  type: 'wallet.debited',
+  userId,
+  refId: id,
+  payload: { transactionId: id, amount, balanceAfter, billingRecordId },
+});
+
 function toTransaction(row: LedgerRow): WalletTransaction {
   const t = new WalletTransaction();
   t.id = Number(row.id);
@@ -107,7 +118,7 @@ function toTransaction(row: LedgerRow): WalletTransaction {
   return t;
 }
 
-export function createLedgerRepository(db: Database): LedgerRepository {
+export function createLedgerRepository(db: Database, events: EventsRepository): LedgerRepository {
   async function insertRow(
     tx: Tx,
     row: { userId: number; type: 'CREDIT' | 'DEBIT'; amount: bigint; balanceAfter: bigint; billingRecordId: number | null; requestId: string | null; now: Date },
@@ -140,6 +151,11 @@ export function createLedgerRepository(db: Database): LedgerRepository {
       }
       const balance = int64(updated[0].balance);
       const transaction = await insertRow(tx, { userId, type: 'CREDIT', amount, balanceAfter: balance, billingRecordId: null, requestId, now });
+      await events.append(
+        tx,
+        [{ type: 'wallet.credited', userId, refId: transaction.id, payload: { transactionId: transaction.id, amount, balanceAfter: balance, requestId: requestId ?? '' } }],
+        now,
+      );
       return { ok: true, wallet: { userId, balance, createdAt: epochMs(updated[0].created_at), updatedAt: now }, transaction };
     },
 
@@ -151,7 +167,10 @@ export function createLedgerRepository(db: Database): LedgerRepository {
         { keep: true },
       );
       if (updated.length === 0) return null;
-      return insertRow(tx, { userId, type: 'DEBIT', amount, balanceAfter: int64(updated[0].balance), billingRecordId, requestId: null, now });
+      const balanceAfter = int64(updated[0].balance);
+      const row = await insertRow(tx, { userId, type: 'DEBIT', amount, balanceAfter, billingRecordId, requestId: null, now });
+      await events.append(tx, [debited(row.id, userId, amount, balanceAfter, billingRecordId)], now);
+      return row;
     },
 
     async debitMany(tx, debits, expected, now) {
@@ -172,19 +191,25 @@ export function createLedgerRepository(db: Database): LedgerRepository {
       if (!ok) return false;
       // balance_after of each row: walk each wallet down from its balance before the batch, in the given order.
       const running = new Map<number, bigint>(users.map((u) => [u, expected.get(u)! + total.get(u)!]));
-      const rows = debits.map((d) => {
+      const afters = debits.map((d) => {
         const after = running.get(d.userId)! - d.amount;
         running.set(d.userId, after);
-        return [d.userId, d.amount.toString(), after.toString(), d.billingRecordId, at];
+        return after;
       });
-      for (let i = 0; i < rows.length; i += LEDGER_ROWS) {
-        const part = rows.slice(i, i + LEDGER_ROWS);
-        await tx.run(
+      const written: NewEvent[] = [];
+      for (let i = 0; i < debits.length; i += LEDGER_ROWS) {
+        const part = debits.slice(i, i + LEDGER_ROWS);
+        const inserted = await tx.all<{ id: number | string; billing_record_id: number | string }>(
           `insert into wallet_transactions (user_id, type, amount, balance_after, billing_record_id, request_id, created_at)
-           values ${part.map(() => `(?, 'DEBIT', cast(? as bigint), cast(? as bigint), ?, null, ?)`).join(', ')}`,
-          part.flat(),
+           values ${part.map(() => `(?, 'DEBIT', cast(? as bigint), cast(? as bigint), ?, null, ?)`).join(', ')}
+           returning id, billing_record_id`,
+          part.flatMap((d, k) => [d.userId, d.amount.toString(), afters[i + k].toString(), d.billingRecordId, at]),
         );
+        // Matched by record (one DEBIT per record), not by the order RETURNING happens to give.
+        const idOf = new Map(inserted.map((r) => [Number(r.billing_record_id), Number(r.id)]));
+        part.forEach((d, k) => written.push(debited(idOf.get(d.billingRecordId)!, d.userId, d.amount, afters[i + k], d.billingRecordId)));
       }
+      await events.append(tx, written, now);
       return true;
     },
 
