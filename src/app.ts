@@ -29,7 +29,6 @@ import { createUsageLogsRepository } from './usage/usage-logs.repository';
 import { createUsageService } from './usage/usage.service';
 import { createUsersRepository } from './users/users.repository';
 import { createUsersService } from './users/users.service';
-import { createEventsRepository } from './events/events.repository';
 import { createBalanceAlerts } from './wallets/balance-alerts';
 import { createBalanceAlertsRepository } from './wallets/balance-alerts.repository';
 import { createLedgerRepository } from './wallets/ledger.repository';
