@@ -27,7 +27,12 @@ export type InvariantRule =
   | 'usage_matches_line_items'
   | 'deleted_user_settled'
   | 'staging_record_of_open_run'
-  | 'pending_totals_match';
+  | 'pending_totals_match'
+  | 'ledger_row_has_event'
+  | 'billing_record_events'
+  | 'user_events'
+  | 'job_run_finished_event'
+  | 'events_after_retention';
 
 /** Every rule with what it guarantees, in the order they are checked. */
 export const INVARIANT_RULES: Readonly<Record<InvariantRule, string>> = Object.freeze({
@@ -46,6 +51,15 @@ export const INVARIANT_RULES: Readonly<Record<InvariantRule, string>> = Object.f
     "each user's pending totals (which the available balance subtracts) are exactly the PENDING usage of that live user, per service",
   staging_record_of_open_run:
     'a staging usage record (not yet sealed, not chargeable) belongs to an ingestion run still storing its rows (or rolled back after a crash by the next run), is PENDING and unattempted, and has no line items yet',
+  ledger_row_has_event:
+    'every ledger row has exactly one wallet.credited (CREDIT) or wallet.debited (DEBIT) event of its user with ref_id = its id, and every such event has its row (rows older than the retention mark may have lost theirs)',
+  billing_record_events:
+    'every billing record (not staging) has exactly one billing_record.created event, every PAID record exactly one billing_record.paid, every FAILED record a billing_record.failed, all of its user; no such event names a missing, staging or (paid) unpaid record (changes older than the retention mark excepted)',
+  user_events:
+    'every user has exactly one user.created event and every deleted user one user.deleted event, and no such event names a user that does not exist or is not deleted (changes older than the retention mark excepted)',
+  job_run_finished_event:
+    'every ended job run has exactly one job_run.finished event with its status, and no such event names a run still RUNNING or missing (runs ended before the retention mark excepted)',
+  events_after_retention: 'no event is left at or below the id the retention says it deleted through',
 });
 
 export interface InvariantViolation {
@@ -326,9 +340,150 @@ const QUERIES: readonly Query[] = [
   },
 ];
 
+/** The retention mark: changes before it may have lost their events. */
+const MARK = `(select er.pruned_before from event_retention er where er.id = 1)`;
+/** The event type of a ledger row. */
+const WALLET_EVENT = `case when t.type = 'CREDIT' then 'wallet.credited' else 'wallet.debited' end`;
+
+/**
+ * Rows of `a` missing from `b` (both select three columns; `a` names them id, user_id, type): EXCEPT, so
+ * each side is read once and sorted (no index on events.ref_id is needed);
+ * `b` is a sub-select of its own, so a UNION in it stays inside it.
+ */
+const missing = (a: string, b: string): string =>
+  `select x.id, x.user_id, x.type from (${a} except select * from (${b}) y) x order by x.id limit ?`;
+/** Events of `types` naming the same ref more than once. */
+const repeated = (types: string[]): string =>
+  `select e.ref_id as id, count(*) as n from events e where e.type in (${types.map((ty) => `'${ty}'`).join(', ')})
+   group by e.ref_id having count(*) > 1 order by e.ref_id limit ?`;
+const eventsOf = (type: string, where = ''): string =>
+  `select e.ref_id as id, e.user_id, e.type from events e where e.type = '${type}'${where}`;
+
+const EVENT_QUERIES: readonly Query[] = [
+  {
+    rule: 'ledger_row_has_event',
+    sql: missing(
+      `select t.id, t.user_id, ${WALLET_EVENT} as type from wallet_transactions t where t.created_at >= ${MARK}`,
+      `select e.ref_id, e.user_id, e.type from events e where e.type in ('wallet.credited', 'wallet.debited')`,
+    ),
+    describe: (r) => `ledger row ${str(r.id)} of user ${str(r.user_id)} has no ${str(r.type)} event`,
+  },
+  {
+    rule: 'ledger_row_has_event',
+    sql: missing(
+      `select e.ref_id as id, e.user_id, e.type from events e where e.type in ('wallet.credited', 'wallet.debited')`,
+      `select t.id, t.user_id, ${WALLET_EVENT} from wallet_transactions t`,
+    ),
+    describe: (r) => `${str(r.type)} event of user ${str(r.user_id)} names ledger row ${str(r.id)}, which does not exist as such`,
+  },
+  {
+    rule: 'ledger_row_has_event',
+    sql: repeated(['wallet.credited', 'wallet.debited']),
+    describe: (r) => `ledger row ${str(r.id)} has ${str(r.n)} wallet events (expected exactly 1)`,
+  },
+  {
+    rule: 'billing_record_events',
+    sql: missing(
+      `select r.id, r.user_id, 'billing_record.created' as type from billing_records r where not r.staging and r.created_at >= ${MARK}`,
+      eventsOf('billing_record.created'),
+    ),
+    describe: (r) => `billing record ${str(r.id)} of user ${str(r.user_id)} has no billing_record.created event`,
+  },
+  {
+    rule: 'billing_record_events',
+    sql: missing(
+      `select r.id, r.user_id, 'billing_record.paid' as type from billing_records r where r.status = 'PAID' and r.paid_at >= ${MARK}`,
+      eventsOf('billing_record.paid'),
+    ),
+    describe: (r) => `PAID billing record ${str(r.id)} of user ${str(r.user_id)} has no billing_record.paid event`,
+  },
+  {
+    rule: 'billing_record_events',
+    sql: missing(
+      `select r.id, r.user_id, 'billing_record.failed' as type from billing_records r where r.status = 'FAILED' and r.updated_at >= ${MARK}`,
+      eventsOf('billing_record.failed'),
+    ),
+    describe: (r) => `FAILED billing record ${str(r.id)} of user ${str(r.user_id)} has no billing_record.failed event`,
+  },
+  {
+    rule: 'billing_record_events',
+    sql: missing(
+      `select e.ref_id as id, e.user_id, e.type from events e where e.type in ('billing_record.created', 'billing_record.paid', 'billing_record.retry_scheduled', 'billing_record.failed')`,
+      `select r.id, r.user_id, ty.type from billing_records r
+       cross join (select 'billing_record.created' as type union all select 'billing_record.retry_scheduled' union all select 'billing_record.failed') ty
+       where not r.staging
+       union all select r.id, r.user_id, 'billing_record.paid' from billing_records r where r.status = 'PAID'`,
+    ),
+    describe: (r) => `${str(r.type)} event of user ${str(r.user_id)} names billing record ${str(r.id)}, which is missing, staging, of another user or (paid) not PAID`,
+  },
+  {
+    rule: 'billing_record_events',
+    sql: repeated(['billing_record.created']),
+    describe: (r) => `billing record ${str(r.id)} has ${str(r.n)} billing_record.created events (expected exactly 1)`,
+  },
+  {
+    rule: 'billing_record_events',
+    sql: repeated(['billing_record.paid']),
+    describe: (r) => `billing record ${str(r.id)} has ${str(r.n)} billing_record.paid events (PAID is final: expected exactly 1)`,
+  },
+  {
+    rule: 'user_events',
+    sql: missing(`select u.id, u.id as user_id, 'user.created' as type from users u where u.created_at >= ${MARK}`, `select e.user_id, e.user_id, e.type from events e where e.type = 'user.created'`),
+    describe: (r) => `user ${str(r.id)} has no user.created event`,
+  },
+  {
+    rule: 'user_events',
+    sql: missing(
+      `select u.id, u.id as user_id, 'user.deleted' as type from users u where u.deleted_at is not null and u.deleted_at >= ${MARK}`,
+      `select e.user_id, e.user_id, e.type from events e where e.type = 'user.deleted'`,
+    ),
+    describe: (r) => `deleted user ${str(r.id)} has no user.deleted event`,
+  },
+  {
+    rule: 'user_events',
+    sql: missing(
+      `select e.user_id as id, e.user_id, e.type from events e where e.type in ('user.created', 'user.deleted')`,
+      `select u.id, u.id, 'user.created' from users u union all select u.id, u.id, 'user.deleted' from users u where u.deleted_at is not null`,
+    ),
+    describe: (r) => `${str(r.type)} event names user ${str(r.id)}, who ${r.type === 'user.deleted' ? 'is not deleted' : 'does not exist'}`,
+  },
+  {
+    rule: 'user_events',
+    sql: `select e.user_id as id, e.type, count(*) as n from events e where e.type in ('user.created', 'user.deleted')
+          group by e.user_id, e.type having count(*) > 1 order by e.user_id limit ?`,
+    describe: (r) => `user ${str(r.id)} has ${str(r.n)} ${str(r.type)} events (expected exactly 1)`,
+  },
+  {
+    rule: 'job_run_finished_event',
+    sql: missing(
+      `select j.id, j.status as user_id, 'job_run.finished' as type from job_runs j where j.status <> 'RUNNING' and j.ended_at >= ${MARK}`,
+      `select e.ref_id, case when e.payload like '%"status":"SUCCEEDED"%' then 'SUCCEEDED' else 'FAILED' end, e.type from events e where e.type = 'job_run.finished'`,
+    ),
+    describe: (r) => `job run ${str(r.id)}, ended ${str(r.user_id)}, has no job_run.finished event saying so`,
+  },
+  {
+    rule: 'job_run_finished_event',
+    sql: missing(
+      `select e.ref_id as id, 0 as user_id, e.type from events e where e.type = 'job_run.finished'`,
+      `select j.id, 0, 'job_run.finished' from job_runs j where j.status <> 'RUNNING'`,
+    ),
+    describe: (r) => `job_run.finished event names job run ${str(r.id)}, which is missing or still RUNNING`,
+  },
+  {
+    rule: 'job_run_finished_event',
+    sql: repeated(['job_run.finished']),
+    describe: (r) => `job run ${str(r.id)} has ${str(r.n)} job_run.finished events (a run ends once: expected exactly 1)`,
+  },
+  {
+    rule: 'events_after_retention',
+    sql: `select e.id, e.type from events e where e.id <= (select er.pruned_through from event_retention er where er.id = 1) order by e.id limit ?`,
+    describe: (r) => `event ${str(r.id)} (${str(r.type)}) is still there, at or below the id the retention says it deleted through`,
+  },
+];
+
 async function runQueries(em: EntityManager, maxPerRule: number): Promise<InvariantViolation[]> {
   const violations: InvariantViolation[] = [];
-  for (const q of QUERIES) {
+  for (const q of [...QUERIES, ...EVENT_QUERIES]) {
     const rows = await em.execute<Row[]>(q.sql, [...(q.params ?? []), maxPerRule + 1]);
     for (const row of rows.slice(0, maxPerRule)) violations.push({ rule: q.rule, detail: q.describe(row) });
     if (rows.length > maxPerRule) {
@@ -392,7 +547,19 @@ export async function checkInvariants(db: Pick<Database, 'fork' | 'dialect'>, op
 }
 
 /** The tables the checker reads. */
-const TABLES = ['users', 'wallets', 'wallet_transactions', 'billing_records', 'line_items', 'usage_logs', 'usage_runs', 'usage_pending_totals'] as const;
+const TABLES = [
+  'users',
+  'wallets',
+  'wallet_transactions',
+  'billing_records',
+  'line_items',
+  'usage_logs',
+  'usage_runs',
+  'usage_pending_totals',
+  'job_runs',
+  'events',
+  'event_retention',
+] as const;
 
 /** MikroORM's record of applied migrations. */
 const MIGRATIONS_TABLE = 'mikro_orm_migrations';

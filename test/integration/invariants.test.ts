@@ -116,6 +116,16 @@ describe('the invariant checker', () => {
     }
   }
 
+  /**
+   * Moves the retention mark past instant 0, so rows a corruption writes
+   * stamped 0 count as older than the retention (their events may be gone)
+   * and only the rule under test sees them; the fixture's rows (2026) are
+   * still expected to have their events.
+   */
+  async function stampedBeforeRetention(tx: EntityManager): Promise<void> {
+    await tx.execute('update event_retention set pruned_before = 1 where id = 1');
+  }
+
   const one = async (tx: EntityManager, sql: string, params: unknown[] = []): Promise<Row> => {
     const rows = await tx.execute<Row[]>(sql, params);
     expect(rows.length).toBeGreaterThan(0); // the healthy data has what the corruption needs
@@ -165,6 +175,7 @@ describe('the invariant checker', () => {
 
   it('reports a balance and a ledger row below zero, even when ledger and chain agree', async () => {
     const report = await corrupted(async (tx) => {
+      await stampedBeforeRetention(tx);
       await withoutChecks(tx);
       const { user_id, balance } = await one(tx, `select user_id, cast(balance as text) as balance from wallets where balance > 0 order by user_id`);
       const amount = (BigInt(balance as string) + 5_000_000n).toString();
@@ -199,6 +210,7 @@ describe('the invariant checker', () => {
 
   it('reports a billing record debited twice', async () => {
     const report = await corrupted(async (tx) => {
+      await stampedBeforeRetention(tx);
       await tx.execute('drop index wallet_transactions_one_debit_per_record');
       const r = await paidRecord(tx);
       const after = (BigInt(r.balance as string) - BigInt(r.amount as string)).toString();
@@ -215,6 +227,7 @@ describe('the invariant checker', () => {
 
   it('reports a PAID record that was never debited', async () => {
     const report = await corrupted(async (tx) => {
+      await stampedBeforeRetention(tx);
       const { user_id } = await one(tx, `select user_id from wallets order by user_id`);
       await tx.execute(
         `insert into billing_records (user_id, kind, amount, status, description, created_at, updated_at, paid_at)
@@ -230,7 +243,8 @@ describe('the invariant checker', () => {
       const { id } = await paidRecord(tx);
       await tx.execute(`update billing_records set status = 'FAILED', paid_at = null where id = ?`, [id]);
     });
-    expect(rulesOf(report)).toEqual(['debit_for_paid_record']);
+    // Its events say PAID, and a FAILED record without its billing_record.failed event breaks the event rules too.
+    expect(rulesOf(report)).toEqual(['billing_record_events', 'debit_for_paid_record']);
   });
 
   it('reports a usage entry linked to a record while not BILLED', async () => {
@@ -294,6 +308,7 @@ describe('the invariant checker', () => {
 
   it('keeps counting totals past 2^63 exactly', async () => {
     const report = await corrupted(async (tx) => {
+      await stampedBeforeRetention(tx);
       // Balances that sum past 2^63 - 1 across wallets (each one within range and matching a ledger row).
       for (const { user_id: id } of await tx.execute<Row[]>(`select user_id from wallets w join users u on u.id = w.user_id where u.deleted_at is null order by user_id limit 2`)) {
         const [w] = await tx.execute<Row[]>('select cast(balance as text) as b from wallets where user_id = ?', [id]);
@@ -315,6 +330,7 @@ describe('the invariant checker', () => {
 
   it("reports money in a deleted user's wallet", async () => {
     const report = await corrupted(async (tx) => {
+      await stampedBeforeRetention(tx);
       const { id } = await deletedUser(tx);
       // A credit as if it had raced the delete: balance and ledger agree, but nobody can see or spend it.
       await tx.execute('update wallets set balance = balance + 5 where user_id = ?', [id]);
@@ -334,6 +350,7 @@ describe('the invariant checker', () => {
     });
     expect(rulesOf(open)).toEqual(['deleted_user_settled']);
     const unpaid = await corrupted(async (tx) => {
+      await stampedBeforeRetention(tx);
       const { id } = await deletedUser(tx);
       await tx.execute(
         `insert into billing_records (user_id, kind, amount, status, description, attempt_count, created_at, updated_at)
@@ -369,7 +386,8 @@ describe('the invariant checker', () => {
       const { id } = await one(tx, `select id from billing_records where kind = 'USAGE' order by id`);
       await tx.execute('update billing_records set staging = ? where id = ?', [true, id]);
     });
-    expect(rulesOf(sealed)).toEqual(['staging_record_of_open_run']);
+    // A staging record is invisible, so its billing_record.created event names a record nobody can see.
+    expect(rulesOf(sealed)).toEqual(['billing_record_events', 'staging_record_of_open_run']);
   });
 
   it('reports pending totals that differ from the PENDING usage they stand for', async () => {
@@ -384,12 +402,120 @@ describe('the invariant checker', () => {
     expect(rulesOf(report)).toEqual(['pending_totals_match']);
   });
 
+  /** The id of the first event of `type` (the fixture has every type this file corrupts). */
+  const firstEvent = async (tx: EntityManager, type: string, extra = ''): Promise<Row> =>
+    one(tx, `select e.id, e.user_id, e.ref_id from events e where e.type = ? ${extra} order by e.id`, [type]);
+  const copyEvent = async (tx: EntityManager, id: unknown): Promise<void> => {
+    await tx.execute(`insert into events (type, user_id, ref_id, payload, created_at) select type, user_id, ref_id, payload, created_at from events where id = ?`, [id]);
+  };
+
+  it('reports a ledger row without its event, an event without its row, and a row with two events', async () => {
+    const lost = await corrupted(async (tx) => {
+      const { id } = await firstEvent(tx, 'wallet.credited');
+      await tx.execute('delete from events where id = ?', [id]);
+    });
+    expect(rulesOf(lost)).toEqual(['ledger_row_has_event']);
+    expect(lost.violations).toHaveLength(1);
+    const moved = await corrupted(async (tx) => {
+      const { id } = await firstEvent(tx, 'wallet.debited');
+      await tx.execute('update events set ref_id = ref_id + 1000000 where id = ?', [id]);
+    });
+    expect(rulesOf(moved)).toEqual(['ledger_row_has_event']);
+    expect(moved.violations).toHaveLength(2); // the row that lost it, and the event naming no row
+    const twice = await corrupted(async (tx) => copyEvent(tx, (await firstEvent(tx, 'wallet.debited')).id));
+    expect(rulesOf(twice)).toEqual(['ledger_row_has_event']);
+    const wrongType = await corrupted(async (tx) => {
+      const { id } = await firstEvent(tx, 'wallet.credited');
+      await tx.execute(`update events set type = 'wallet.debited' where id = ?`, [id]);
+    });
+    expect(rulesOf(wrongType)).toEqual(['ledger_row_has_event']);
+  });
+
+  it('reports a billing record without its created, paid or failed event, and a paid event twice or for an unpaid record', async () => {
+    for (const [type, where] of [
+      ['billing_record.created', ''],
+      ['billing_record.paid', ''],
+      ['billing_record.failed', `and exists (select 1 from billing_records r where r.id = e.ref_id and r.status = 'FAILED')`],
+    ] as const) {
+      const report = await corrupted(async (tx) => {
+        const { ref_id } = await firstEvent(tx, type, where);
+        await tx.execute('delete from events where type = ? and ref_id = ?', [type, ref_id]);
+      });
+      expect({ type, rules: rulesOf(report) }).toEqual({ type, rules: ['billing_record_events'] });
+    }
+    const twice = await corrupted(async (tx) => copyEvent(tx, (await firstEvent(tx, 'billing_record.paid')).id));
+    expect(rulesOf(twice)).toEqual(['billing_record_events']);
+    const unpaid = await corrupted(async (tx) => {
+      const { id } = await firstEvent(tx, 'billing_record.created', `and exists (select 1 from billing_records r where r.id = e.ref_id and r.status <> 'PAID')`);
+      await copyEvent(tx, id);
+      await tx.execute(`update events set type = 'billing_record.paid' where id = (select max(id) from events)`);
+    });
+    expect(rulesOf(unpaid)).toEqual(['billing_record_events']);
+  });
+
+  it('reports a user without user.created, a deleted user without user.deleted, and user.deleted for a live user', async () => {
+    const created = await corrupted(async (tx) => {
+      const { user_id } = await firstEvent(tx, 'user.created');
+      await tx.execute(`delete from events where type = 'user.created' and user_id = ?`, [user_id]);
+    });
+    expect(rulesOf(created)).toEqual(['user_events']);
+    const deleted = await corrupted(async (tx) => {
+      await tx.execute(`delete from events where type = 'user.deleted'`);
+    });
+    expect(rulesOf(deleted)).toEqual(['user_events']);
+    const live = await corrupted(async (tx) => {
+      const { id } = await firstEvent(tx, 'user.created', `and exists (select 1 from users u where u.id = e.user_id and u.deleted_at is null)`);
+      await copyEvent(tx, id);
+      await tx.execute(`update events set type = 'user.deleted', payload = '{}' where id = (select max(id) from events)`);
+    });
+    expect(rulesOf(live)).toEqual(['user_events']);
+  });
+
+  it('reports an ended job run without job_run.finished, with the wrong status, or twice, and an event for a running run', async () => {
+    const lost = await corrupted(async (tx) => {
+      const { id } = await firstEvent(tx, 'job_run.finished');
+      await tx.execute('delete from events where id = ?', [id]);
+    });
+    expect(rulesOf(lost)).toEqual(['job_run_finished_event']);
+    const status = await corrupted(async (tx) => {
+      const { ref_id } = await firstEvent(tx, 'job_run.finished');
+      await tx.execute(`update job_runs set status = case when status = 'FAILED' then 'SUCCEEDED' else 'FAILED' end where id = ?`, [ref_id]);
+    });
+    expect(rulesOf(status)).toEqual(['job_run_finished_event']);
+    const twice = await corrupted(async (tx) => copyEvent(tx, (await firstEvent(tx, 'job_run.finished')).id));
+    expect(rulesOf(twice)).toEqual(['job_run_finished_event']);
+    const running = await corrupted(async (tx) => {
+      const { ref_id } = await firstEvent(tx, 'job_run.finished');
+      await tx.execute(`update job_runs set status = 'RUNNING', ended_at = null where id = ?`, [ref_id]);
+    });
+    expect(rulesOf(running)).toEqual(['job_run_finished_event']);
+  });
+
+  it('expects no events for changes older than the retention mark, and no events left below the id it deleted through', async () => {
+    // The retention deleted everything: no change is expected to have its event any more.
+    const pruned = await corrupted(async (tx) => {
+      await tx.execute('delete from events');
+      await tx.execute(`update event_retention set pruned_through = 1000000000, pruned_before = ? where id = 1`, [Date.parse('2100-01-01')]);
+    });
+    expect(pruned.violations).toEqual([]);
+    // It says it deleted through the last id, but they are all still there.
+    const left = await corrupted(async (tx) => {
+      await tx.execute(`update event_retention set pruned_through = (select max(id) from events) where id = 1`);
+    });
+    expect(rulesOf(left)).toEqual(['events_after_retention']);
+  });
+
   it('has a corruption above for every rule', () => {
     // Keeps this file honest when a rule is added.
     expect(Object.keys(INVARIANT_RULES).sort()).toEqual(
       [
         'balance_matches_ledger',
+        'billing_record_events',
         'debit_for_paid_record',
+        'events_after_retention',
+        'job_run_finished_event',
+        'ledger_row_has_event',
+        'user_events',
         'deleted_user_settled',
         'ledger_chain',
         'no_negative_balance',

@@ -7,6 +7,7 @@ import { Migration20261202010000JobHeartbeat } from './Migration20261202010000_j
 import { Migration20261202020000IngestionChunks } from './Migration20261202020000_ingestion_chunks';
 import { Migration20261202030000UsageApi } from './Migration20261202030000_usage_api';
 import { Migration20261203000000Events } from './Migration20261203000000_events';
+import { Migration20261203000500EventsMark } from './Migration20261203000500_events_mark';
 import { Migration20261203010000JobConflicts } from './Migration20261203010000_job_conflicts';
 import { Migration20261203020000PendingIdIdx } from './Migration20261203020000_pending_id_idx';
 
@@ -21,6 +22,7 @@ export const migrationsList = [
   { name: 'Migration20261202020000_ingestion_chunks', class: Migration20261202020000IngestionChunks },
   { name: 'Migration20261202030000_usage_api', class: Migration20261202030000UsageApi },
   { name: 'Migration20261203000000_events', class: Migration20261203000000Events },
+  { name: 'Migration20261203000500_events_mark', class: Migration20261203000500EventsMark },
   { name: 'Migration20261203010000_job_conflicts', class: Migration20261203010000JobConflicts },
   { name: 'Migration20261203020000_pending_id_idx', class: Migration20261203020000PendingIdIdx },
 ];
