@@ -2,8 +2,10 @@
  * Crash recovery: the built service (dist/, built by `npm test`) is killed with
  * SIGKILL at a seeded moment while it ingests a usage file, charges and
  * retries, then restarted on the same database and driven to the end. Nothing
- * may be lost or done twice: the invariant checker passes, every entry of the
- * file is stored exactly once, and replayed request_ids never credit twice.
+ * may be lost or done twice: the invariant checker passes (its event rules
+ * included: every change has its event, and no event lacks its change), every
+ * entry of the file is stored exactly once, and replayed request_ids never
+ * credit twice (nor write a second event).
  *
  * Seeds: CRASH_SEEDS=1234,99 npx jest test/integration/crash.test.ts
  * Every assertion carries the seed and the kill moment so a failure reproduces.
@@ -19,6 +21,7 @@ import type { DatabaseConfig } from '../../src/config';
 import { openDatabase } from '../../src/db/database';
 import { checkInvariants } from '../../src/ops/invariants';
 import { createTestDatabase, type TestDatabase } from '../helpers/database';
+import { eventSummary } from '../helpers/events';
 import { call, money } from '../helpers/harness';
 import { killServiceProcesses, startServiceProcess, type ServiceProcess } from '../helpers/service-process';
 import { mulberry32 } from '../helpers/prng';
@@ -308,6 +311,23 @@ describe('SIGKILL at a seeded moment, restart, finish: nothing lost, nothing twi
       const em = side.fork();
       const report = await checkInvariants(side);
       expect({ ...ctx, violations: report.violations }).toEqual({ ...ctx, violations: [] });
+      // The event rules held over something: one event per ledger row, and per record created and settled.
+      const { byType, increasing } = await eventSummary(side);
+      const c = report.counts;
+      expect({ ...ctx, increasing, credited: byType['wallet.credited'], debited: byType['wallet.debited'] }).toEqual({
+        ...ctx,
+        increasing: true,
+        credited: c.credits,
+        debited: c.debits,
+      });
+      const recordCount = c.billingRecords.PAID + c.billingRecords.PENDING + c.billingRecords.FAILED;
+      expect({ ...ctx, created: byType['billing_record.created'], paid: byType['billing_record.paid'] }).toEqual({
+        ...ctx,
+        created: recordCount,
+        paid: c.billingRecords.PAID,
+      });
+      // The killed run (closed at the restart, or by its lease) and the ones after it.
+      expect({ ...ctx, runsFinished: (byType['job_run.finished'] ?? 0) >= 2 }).toEqual({ ...ctx, runsFinished: true });
 
       // Every entry of the file stored exactly once, each in the state it must be in.
       expect({ ...ctx, usage: report.counts.usageLogs }).toEqual({ ...ctx, usage: usage.expected });
@@ -436,6 +456,12 @@ describe('SIGKILL at an ingestion chunk boundary, restart, ingest again: every e
       });
       const report = await checkInvariants(side);
       expect({ ...ctx, violations: report.violations }).toEqual({ ...ctx, violations: [] });
+      const { byType } = await eventSummary(side);
+      expect({ ...ctx, credited: byType['wallet.credited'], created: byType['billing_record.created'] }).toEqual({
+        ...ctx,
+        credited: report.counts.credits,
+        created: report.counts.billingRecords.PAID + report.counts.billingRecords.PENDING + report.counts.billingRecords.FAILED,
+      });
       svc.close();
       svc.child.kill('SIGTERM');
       await svc.exit;
