@@ -48,7 +48,24 @@ export interface Config {
   limits: GrpcLimits;
   /** The Prometheus listener (METRICS_PORT), or null when metrics are off (the default). */
   metrics: MetricsConfig | null;
+  /** The event stream (EventService). */
+  events: EventsConfig;
 }
+
+export interface EventsConfig {
+  /** EVENT_RETENTION: events older than this are deleted (ms; default 30 days). */
+  retentionMs: number;
+  /** EVENT_POLL_MS: how often a replica with watchers looks for new events. */
+  pollMs: number;
+  /** EVENT_WATCH_BUFFER: most events one WatchEvents stream may have waiting; more ends it (CONSUMER_TOO_SLOW). */
+  watchBuffer: number;
+}
+
+export const DEFAULT_EVENTS_CONFIG: Readonly<EventsConfig> = Object.freeze({
+  retentionMs: 30 * 86_400_000,
+  pollMs: 25,
+  watchBuffer: 10_000,
+});
 
 export interface MetricsConfig {
   /** METRICS_HOST, loopback by default. */
@@ -285,6 +302,30 @@ function metrics(env: Env, grpcHost: string, grpcPort: number): MetricsConfig | 
   return Object.freeze({ host, port, allowRemote });
 }
 
+const DURATION_UNITS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+
+/** A duration such as "30d", "12h", "90m" or "45s" (a whole number and one unit), in ms. */
+export function parseDuration(name: string, raw: string): number {
+  const match = /^(\d{1,9})([smhd])$/.exec(raw.trim());
+  if (!match) throw new ConfigError(`${name} must be a whole number and a unit (s, m, h or d), e.g. "30d" or "12h"; got ${JSON.stringify(raw)}`);
+  return Number(match[1]) * DURATION_UNITS[match[2]];
+}
+
+function events(env: Env): EventsConfig {
+  const d = DEFAULT_EVENTS_CONFIG;
+  const raw = env.EVENT_RETENTION;
+  const retentionMs = raw === undefined || raw.trim() === '' ? d.retentionMs : parseDuration('EVENT_RETENTION', raw);
+  // At least a minute: a shorter retention would expire the cursors of consumers that merely reconnect.
+  if (retentionMs < 60_000 || retentionMs > 3650 * 86_400_000) {
+    throw new ConfigError(`EVENT_RETENTION must be between 1m and 3650d, got ${JSON.stringify(raw)}`);
+  }
+  return {
+    retentionMs,
+    pollMs: int(env, 'EVENT_POLL_MS', d.pollMs, 1, 10_000),
+    watchBuffer: int(env, 'EVENT_WATCH_BUFFER', d.watchBuffer, 10, 1_000_000),
+  };
+}
+
 function cron(env: Env): string | null {
   const raw = (env.INGEST_CRON ?? '0 * * * *').trim();
   if (raw === 'off') return null;
@@ -337,5 +378,6 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     allowInsecure: bool(env, 'ALLOW_INSECURE', false),
     limits: Object.freeze(limits(env)),
     metrics: metrics(env, host, grpcPort),
+    events: Object.freeze(events(env)),
   });
 }

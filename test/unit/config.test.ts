@@ -441,3 +441,37 @@ describe('metrics settings (METRICS_PORT, METRICS_HOST, METRICS_ALLOW_REMOTE)', 
     expect(checkExposure(loadConfig({ METRICS_PORT: '9464', METRICS_ALLOW_REMOTE: 'true' }))).toEqual([]);
   });
 });
+
+describe('event stream settings (EVENT_RETENTION, EVENT_POLL_MS, EVENT_WATCH_BUFFER)', () => {
+  it('keeps events 30 days, polls every 25 ms and lets a watcher have 10,000 events waiting by default', () => {
+    expect(loadConfig({}).events).toEqual({ retentionMs: 30 * 86_400_000, pollMs: 25, watchBuffer: 10_000 });
+    expect(loadConfig({ EVENT_RETENTION: ' ' }).events.retentionMs).toBe(30 * 86_400_000);
+  });
+
+  it('reads EVENT_RETENTION as a whole number and a unit: s, m, h or d', () => {
+    expect(loadConfig({ EVENT_RETENTION: '30d' }).events.retentionMs).toBe(30 * 86_400_000);
+    expect(loadConfig({ EVENT_RETENTION: '12h' }).events.retentionMs).toBe(12 * 3_600_000);
+    expect(loadConfig({ EVENT_RETENTION: '90m' }).events.retentionMs).toBe(90 * 60_000);
+    expect(loadConfig({ EVENT_RETENTION: '3600s' }).events.retentionMs).toBe(3_600_000);
+  });
+
+  it('refuses a retention without a unit, with a fraction or another unit, naming EVENT_RETENTION', () => {
+    for (const raw of ['30', '1.5d', '2w', 'd', '-1d', '30 days']) {
+      expect(configErrorFor({ EVENT_RETENTION: raw }).message).toMatch(/^EVENT_RETENTION must be a whole number and a unit/);
+    }
+  });
+
+  it('refuses a retention under a minute or over ten years', () => {
+    expect(configErrorFor({ EVENT_RETENTION: '59s' }).message).toMatch(/EVENT_RETENTION must be between 1m and 3650d/);
+    expect(configErrorFor({ EVENT_RETENTION: '0d' }).message).toMatch(/EVENT_RETENTION must be between/);
+    expect(configErrorFor({ EVENT_RETENTION: '3651d' }).message).toMatch(/EVENT_RETENTION must be between/);
+    expect(loadConfig({ EVENT_RETENTION: '1m' }).events.retentionMs).toBe(60_000);
+  });
+
+  it('validates EVENT_POLL_MS (1-10000) and EVENT_WATCH_BUFFER (10-1000000) as whole numbers', () => {
+    expect(loadConfig({ EVENT_POLL_MS: '5', EVENT_WATCH_BUFFER: '100' }).events).toMatchObject({ pollMs: 5, watchBuffer: 100 });
+    expect(configErrorFor({ EVENT_POLL_MS: '0' }).message).toMatch(/EVENT_POLL_MS must be between 1 and 10000/);
+    expect(configErrorFor({ EVENT_POLL_MS: '2.5' }).message).toMatch(/EVENT_POLL_MS must be a whole number/);
+    expect(configErrorFor({ EVENT_WATCH_BUFFER: '9' }).message).toMatch(/EVENT_WATCH_BUFFER must be between 10 and 1000000/);
+  });
+});
