@@ -11,8 +11,9 @@ import { createCharging } from './billing/charging';
 import { createBillingRecordsRepository } from './billing/records.repository';
 import { checkExposure, type Config } from './config';
 import { openDatabase, type Database } from './db/database';
-import { createIdempotencyKeys } from './db/idempotency';
 import { createEventsRepository } from './events/events.repository';
+import { createEventsService } from './events/events.service';
+import { createIdempotencyKeys } from './db/idempotency';
 import { loadTokensFile, tokensFileWarning } from './grpc/auth';
 import { createGrpcServer, serverCredentials, type GrpcServer, type Services } from './grpc/server';
 import { createCron, type Cron } from './jobs/cron';
@@ -155,7 +156,16 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
     });
     const jobs = createJobsService({ db, clock, log, jobRuns, ingest, billing, leaseMs: opts.jobLeaseMs, metrics });
     scheduler = createRetryScheduler({ db, clock, log, billing, jobs, pollMs: opts.schedulerPollMs });
-    const services: Services = { users, wallets, billing, usage, jobs };
+    const eventStream = createEventsService({
+      events,
+      clock,
+      log,
+      metrics,
+      retentionMs: config.events.retentionMs,
+      pollMs: config.events.pollMs,
+      watchBuffer: config.events.watchBuffer,
+    });
+    const services: Services = { users, wallets, billing, usage, jobs, events: eventStream };
 
     const grpc = createGrpcServer({
       fork: () => db.fork(),
@@ -178,6 +188,8 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
     if (db.dialect === 'sqlite') await jobs.closeInterruptedRuns();
     // Any replica closes runs whose process stopped renewing their lease (died, or lost the database for good).
     jobs.startReaper();
+    // Every replica prunes (at once, then every 10 minutes); the retention mark only moves forward.
+    eventStream.start();
     if (opts.scheduler !== false) await scheduler.start();
     const cron = config.ingestCron ? createCron({ expression: config.ingestCron, jobs, log }) : null;
     cron?.start();
@@ -197,6 +209,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
         grpc.setServing(false);
         cron?.stop();
         await grpc.shutdown(config.shutdownGraceMs);
+        await eventStream.stop();
         await scheduler!.stop();
         await cron?.idle();
         await jobs.stopReaper();

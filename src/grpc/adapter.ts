@@ -313,3 +313,133 @@ export function createBidi(deps: AdapterDeps): Bidi {
       });
     };
 }
+
+/**
+ * A server stream: one request, then messages until the handler ends
+ * (resolves: OK; throws: the status the error table picks). The handler gets
+ * the call context plus `send`, which hands one message to grpc-js and waits
+ * whenever grpc-js's write buffer is full (`write` returned false) until
+ * 'drain': a client that does not read meets HTTP/2 flow control, and the
+ * handler decides what to do with what piles up meanwhile. `send` rejects as
+ * soon as the call is cancelled, the server shuts down, or the signal passed
+ * to it aborts.
+ *
+ * Server shutdown (`closing` aborts) ends every open stream at once with
+ * UNAVAILABLE [SHUTTING_DOWN], so that a long-lived stream does not hold the
+ * graceful shutdown for its whole grace period and its client reconnects to
+ * another replica. The request's strings are checked as for a unary call.
+ * One log line per stream when it ends, with how many messages it sent (at
+ * the unary policy's level; a stream ended by shutdown is no server fault:
+ * debug, or info with the access log), and one report to the metrics.
+ */
+export interface ServerStreamContext<Res> extends CallContext {
+  /** Sends one message; resolves when the next may be sent. */
+  send(message: Res, signal?: AbortSignal): Promise<void>;
+}
+
+export type ServerStreamHandler<Req, Res> = (request: Req, ctx: ServerStreamContext<Res>) => Promise<void>;
+
+export type ServerStream = <Req, Res>(
+  name: string,
+  handler: ServerStreamHandler<Req, Res>,
+  opts?: RpcOptions,
+) => grpc.handleServerStreamingCall<Req, Res>;
+
+export const SHUTTING_DOWN = 'SHUTTING_DOWN';
+
+export function createServerStream(deps: AdapterDeps & { closing?: AbortSignal }): ServerStream {
+  const { fork, log, callerOf = () => undefined, accessLog = false, metrics = noMetrics, closing } = deps;
+  return <Req, Res>(name: string, handler: ServerStreamHandler<Req, Res>, opts: RpcOptions = {}): grpc.handleServerStreamingCall<Req, Res> =>
+    (call) => {
+      const started = process.hrtime.bigint();
+      const caller = callerOf(call.metadata);
+      const abort = new AbortController();
+      let cancelled = false;
+      let shutDown = false;
+      const onCancel = () => {
+        cancelled = true;
+        abort.abort(new AppError('CANCELLED', 'CALL_CANCELLED', 'the call was cancelled by the client or its deadline'));
+      };
+      const onClosing = () => {
+        shutDown = true;
+        abort.abort(new AppError('UNAVAILABLE', SHUTTING_DOWN, 'the server is shutting down; call again (another replica will answer)'));
+      };
+      call.once('cancelled', onCancel);
+      if (closing?.aborted) onClosing();
+      else closing?.addEventListener('abort', onClosing, { once: true });
+      let sent = 0;
+
+      const send = (message: Res, signal?: AbortSignal): Promise<void> => {
+        const stops = signal ? [abort.signal, signal] : [abort.signal];
+        const stopped = stops.find((s) => s.aborted);
+        if (stopped) return Promise.reject(stopped.reason as Error);
+        sent++;
+        if (call.write(message)) return Promise.resolve();
+        return new Promise<void>((resolve, reject) => {
+          const done = () => {
+            call.removeListener('drain', onDrain);
+            for (const s of stops) s.removeEventListener('abort', onStop);
+          };
+          const onDrain = () => {
+            done();
+            resolve();
+          };
+          const onStop = () => {
+            done();
+            reject((stops.find((s) => s.aborted)?.reason ?? abort.signal.reason) as Error);
+          };
+          call.once('drain', onDrain);
+          for (const s of stops) s.addEventListener('abort', onStop, { once: true });
+        });
+      };
+
+      let em: EntityManager | undefined;
+      const ctx: ServerStreamContext<Res> = {
+        metadata: call.metadata,
+        signal: abort.signal,
+        get em(): EntityManager {
+          return (em ??= fork());
+        },
+        send,
+      };
+
+      const finish = (code: grpc.status, reason?: string) => {
+        closing?.removeEventListener('abort', onClosing);
+        const durationMs = Number(process.hrtime.bigint() - started) / 1e6;
+        metrics.rpcFinished(name, grpc.status[code], durationMs / 1000);
+        const level = shutDown ? (accessLog ? 'info' : 'debug') : rpcLogLevel({ method: name, code, refused: false }, accessLog);
+        if (log.isLevelEnabled(level)) log[level]({ method: name, code: grpc.status[code], reason, caller, sent, durationMs }, 'rpc');
+      };
+
+      Promise.resolve()
+        .then(() => {
+          checkRequestStrings(call.request, opts.ownRules);
+          return handler(call.request, ctx);
+        })
+        .then(
+          () => {
+            call.end();
+            finish(grpc.status.OK);
+          },
+          (err: unknown) => {
+            // The client has gone: there is nobody to send a status to.
+            if (cancelled) return finish(grpc.status.CANCELLED, 'CALL_CANCELLED');
+            let status: ErrorStatus;
+            try {
+              status = describeError(err, log);
+            } catch {
+              status = { code: grpc.status.INTERNAL, details: INTERNAL_MESSAGE, metadata: new grpc.Metadata(), reason: INTERNAL_REASON };
+            }
+            call.emit('error', { code: status.code, details: status.details, metadata: status.metadata });
+            finish(status.code, status.reason);
+          },
+        )
+        .catch((err: unknown) => {
+          try {
+            log.error({ err, method: name }, 'rpc adapter failure');
+          } catch {
+            /* nothing left to report to */
+          }
+        });
+    };
+}

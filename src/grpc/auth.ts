@@ -95,6 +95,10 @@ export const METHOD_ROLES: Readonly<Record<string, readonly Role[]>> = Object.fr
   '/billing.v1.UsageService/RecordUsage': BOTH,
   '/billing.v1.UsageService/StreamUsage': BOTH,
   '/billing.v1.UsageService/GetUsageSummary': BOTH,
+
+  // Other services follow what changed (users, wallets, records, alerts, job runs); so may operators.
+  '/billing.v1.EventService/WatchEvents': BOTH,
+  '/billing.v1.EventService/ListEvents': BOTH,
 });
 
 /** '/pkg.Service/Method' -> 'pkg.Service'. */

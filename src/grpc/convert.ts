@@ -18,7 +18,9 @@ import type { SummaryGroupBy, UsageEventResult, UsageEventStatus, UsageSummaryRo
 import type { User, UserStatus } from '../users/user.entity';
 import type { WalletTransaction, WalletTransactionType } from '../wallets/wallet.entity';
 import type { BalanceAlertView, WalletWithAvailable } from '../wallets/wallets.service';
+import { cursorOf, type StoredEvent } from '../events/events.types';
 import * as billingPb from '../../generated/billing/v1/billing_service';
+import type * as eventPb from '../../generated/billing/v1/event_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import type * as moneyPb from '../../generated/billing/v1/money';
 import * as usagePb from '../../generated/billing/v1/usage_service';
@@ -271,3 +273,72 @@ export const pageRequest = (req: { pageSize: number; pageToken: string }): PageR
   pageSize: req.pageSize,
   pageToken: req.pageToken,
 });
+
+// ---- events -----------------------------------------------------------------
+
+/** The oneof of an event: one payload field per type, money through microsToMoney. */
+function eventPayloadToPb(e: StoredEvent, currency: string): eventPb.Event['payload'] {
+  const m = (micros: bigint) => money(micros, currency);
+  switch (e.type) {
+    case 'user.created':
+      return { $case: 'userCreated', value: { name: e.payload.name, email: e.payload.email } };
+    case 'user.suspended':
+      return { $case: 'userSuspended', value: { reason: e.payload.reason, billingRecordId: BigInt(e.payload.billingRecordId) } };
+    case 'user.reactivated':
+      return { $case: 'userReactivated', value: { settled: e.payload.settled } };
+    case 'user.deleted':
+      return { $case: 'userDeleted', value: {} };
+    case 'wallet.credited': {
+      const p = e.payload;
+      return {
+        $case: 'walletCredited',
+        value: { transactionId: BigInt(p.transactionId), amount: m(p.amount), balanceAfter: m(p.balanceAfter), requestId: p.requestId },
+      };
+    }
+    case 'wallet.debited': {
+      const p = e.payload;
+      return {
+        $case: 'walletDebited',
+        value: {
+          transactionId: BigInt(p.transactionId),
+          amount: m(p.amount),
+          balanceAfter: m(p.balanceAfter),
+          billingRecordId: BigInt(p.billingRecordId),
+        },
+      };
+    }
+    case 'balance.low':
+      return { $case: 'balanceLow', value: { availableBalance: m(e.payload.availableBalance), threshold: m(e.payload.threshold) } };
+    case 'balance.recovered':
+      return { $case: 'balanceRecovered', value: { availableBalance: m(e.payload.availableBalance), threshold: m(e.payload.threshold) } };
+    case 'balance.depleted':
+      return { $case: 'balanceDepleted', value: { availableBalance: m(e.payload.availableBalance) } };
+    case 'billing_record.created': {
+      const p = e.payload;
+      return { $case: 'billingRecordCreated', value: { billingRecordId: BigInt(p.billingRecordId), amount: m(p.amount), jobRunId: BigInt(p.jobRunId) } };
+    }
+    case 'billing_record.paid': {
+      const p = e.payload;
+      return { $case: 'billingRecordPaid', value: { billingRecordId: BigInt(p.billingRecordId), amount: m(p.amount), attemptCount: p.attemptCount } };
+    }
+    case 'billing_record.retry_scheduled': {
+      const p = e.payload;
+      return {
+        $case: 'billingRecordRetryScheduled',
+        value: { billingRecordId: BigInt(p.billingRecordId), attemptCount: p.attemptCount, nextAttemptTime: p.nextAttemptTime, reason: p.reason },
+      };
+    }
+    case 'billing_record.failed': {
+      const p = e.payload;
+      return { $case: 'billingRecordFailed', value: { billingRecordId: BigInt(p.billingRecordId), attemptCount: p.attemptCount, reason: p.reason } };
+    }
+    case 'job_run.finished': {
+      const p = e.payload;
+      return { $case: 'jobRunFinished', value: { jobRunId: BigInt(p.jobRunId), kind: p.kind, status: p.status, errorMessage: p.errorMessage } };
+    }
+  }
+}
+
+export function eventToPb(e: StoredEvent, currency: string): eventPb.Event {
+  return { cursor: cursorOf(e.id), type: e.type, userId: BigInt(e.userId), time: e.createdAt, payload: eventPayloadToPb(e, currency) };
+}

@@ -1,5 +1,5 @@
 /**
- * The gRPC server: the four billing services, gRPC health (NOT_SERVING until
+ * The gRPC server: the billing services, gRPC health (NOT_SERVING until
  * the app says otherwise, and again from the start of shutdown) and server
  * reflection fed from the real descriptor set that `buf build` wrote, plus
  * health, reflection and google.rpc.ErrorInfo (./reflection.ts).
@@ -16,6 +16,7 @@ import type { EntityManager } from '@mikro-orm/knex';
 import { HealthImplementation, type ServingStatusMap } from 'grpc-health-check';
 import type { Logger } from 'pino';
 import type { BillingService } from '../billing/billing.service';
+import type { EventsService } from '../events/events.service';
 import type { JobsService } from '../jobs/jobs.types';
 import type { UsageService } from '../usage/usage.service';
 import type { UsersService } from '../users/users.service';
@@ -23,17 +24,19 @@ import type { WalletsService } from '../wallets/wallets.service';
 import type { Metrics } from '../shared/metrics';
 import { ConfigError, DEFAULT_GRPC_LIMITS, type GrpcLimits, type TlsConfig } from '../config';
 import * as billingPb from '../../generated/billing/v1/billing_service';
+import * as eventPb from '../../generated/billing/v1/event_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import * as usagePb from '../../generated/billing/v1/usage_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
-import { createBidi, createUnary } from './adapter';
+import { createBidi, createServerStream, createUnary } from './adapter';
 import { createAuthInterceptor, type Caller, type TokenTable } from './auth';
 import { installGrpcLogger } from './grpc-log';
 import { listen, type Listener } from './listener';
 import { DESCRIPTOR_SET_PATH, reflectionDefinition } from './reflection';
 import { createStreamGuard } from './streams';
 import { createBillingHandlers } from './billing.handlers';
+import { createEventHandlers } from './event.handlers';
 import { createJobHandlers } from './job.handlers';
 import { createUsageHandlers } from './usage.handlers';
 import { createUserHandlers } from './user.handlers';
@@ -55,6 +58,7 @@ export interface Services {
   billing: BillingService;
   usage: UsageService;
   jobs: JobsService;
+  events: EventsService;
 }
 
 export interface GrpcServerDeps {
@@ -139,6 +143,7 @@ export const SERVICE_NAMES: readonly string[] = [
   billingPb.BillingServiceClient.serviceName,
   jobPb.JobServiceClient.serviceName,
   usagePb.UsageServiceClient.serviceName,
+  eventPb.EventServiceClient.serviceName,
 ];
 
 export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
@@ -162,6 +167,9 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
   const adapterDeps = { fork, log, callerOf: (metadata: grpc.Metadata) => callers.get(metadata)?.name, accessLog, metrics };
   const unary = createUnary(adapterDeps);
   const bidi = createBidi(adapterDeps);
+  // Aborted as shutdown starts: server streams (WatchEvents) end then, instead of holding the drain.
+  const closing = new AbortController();
+  const serverStream = createServerStream({ ...adapterDeps, closing: closing.signal });
 
   server.addService(userPb.UserServiceService, createUserHandlers({ unary, users: services.users }));
   server.addService(walletPb.WalletServiceService, createWalletHandlers({ unary, wallets: services.wallets, currency }));
@@ -171,6 +179,7 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
   );
   server.addService(jobPb.JobServiceService, createJobHandlers({ unary, jobs: services.jobs }));
   server.addService(usagePb.UsageServiceService, createUsageHandlers({ unary, bidi, usage: services.usage, currency }));
+  server.addService(eventPb.EventServiceService, createEventHandlers({ unary, serverStream, events: services.events, currency }));
 
   const allNames = ['', ...SERVICE_NAMES];
   const initial: ServingStatusMap = Object.fromEntries(allNames.map((name) => [name, 'NOT_SERVING']));
@@ -205,6 +214,7 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
       shuttingDown = true;
       setAll('NOT_SERVING');
       listener?.close();
+      closing.abort();
       stopped ??= new Promise<void>((resolve) => {
         let finished = false;
         const done = () => {

@@ -39,6 +39,7 @@ export const STATUS_BY_KIND: Readonly<Record<ErrorKind, grpc.status>> = Object.f
   ABORTED: grpc.status.ABORTED,
   UNAVAILABLE: grpc.status.UNAVAILABLE,
   RESOURCE_EXHAUSTED: grpc.status.RESOURCE_EXHAUSTED,
+  OUT_OF_RANGE: grpc.status.OUT_OF_RANGE,
   UNAUTHENTICATED: grpc.status.UNAUTHENTICATED,
   PERMISSION_DENIED: grpc.status.PERMISSION_DENIED,
   CANCELLED: grpc.status.CANCELLED,

@@ -9,6 +9,8 @@
  *   billing_users_suspended_total                       users suspended for non-payment
  *   billing_job_run_duration_seconds{kind, status}      histogram of finished job runs
  *   billing_retries_pending                             PENDING records waiting for a retry, read at scrape time
+ *   billing_event_watchers                              WatchEvents streams open on this replica
+ *   billing_event_delivery_lag_seconds                  histogram: from an event's commit to its send to a watcher
  *
  * plus prom-client's default process and Node.js metrics (process_*, nodejs_*)
  * under their usual names, so that stock dashboards find them.
@@ -37,6 +39,8 @@ const USAGE_SOURCES: readonly UsageSource[] = ['file', 'api'];
 
 /** RPC latency buckets (seconds): from a cached read to a charge that waited for the writer. */
 const RPC_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+/** Event delivery lag buckets (seconds): from one poll interval to a watcher reading old history. */
+const LAG_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300, 3600, 86400];
 /** Job run buckets (seconds): from an empty retry pass to a large usage file. */
 const JOB_BUCKETS = [0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600];
 
@@ -83,6 +87,17 @@ export function createPrometheusMetrics(deps: PrometheusMetricsDeps): Prometheus
     buckets: JOB_BUCKETS,
     registers,
   });
+  const eventWatchers = new Gauge({
+    name: 'billing_event_watchers',
+    help: 'WatchEvents streams open on this replica.',
+    registers,
+  });
+  const eventLag = new Histogram({
+    name: 'billing_event_delivery_lag_seconds',
+    help: 'Time from an event\'s commit (its time stamp) to its send to a WatchEvents stream; history read late counts its age.',
+    buckets: LAG_BUCKETS,
+    registers,
+  });
   new Gauge({
     name: 'billing_retries_pending',
     help: 'Billing records PENDING with a retry scheduled, read from the database at scrape time (NaN when the read failed).',
@@ -124,6 +139,12 @@ export function createPrometheusMetrics(deps: PrometheusMetricsDeps): Prometheus
     },
     jobRunFinished(kind, status, seconds) {
       jobRunDuration.observe({ kind, status }, seconds);
+    },
+    eventWatchers(open) {
+      eventWatchers.set(open);
+    },
+    eventSent(lagSeconds) {
+      eventLag.observe(Math.max(0, lagSeconds));
     },
   };
 }

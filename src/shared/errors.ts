@@ -11,6 +11,7 @@ export type ErrorKind =
   | 'ABORTED'
   | 'UNAVAILABLE'
   | 'RESOURCE_EXHAUSTED'
+  | 'OUT_OF_RANGE'
   | 'UNAUTHENTICATED'
   | 'PERMISSION_DENIED'
   | 'CANCELLED';

@@ -44,6 +44,10 @@ export interface Metrics {
   usageEntriesStored(counts: UsageEntryCounts, source: UsageSource): void;
   /** A job run ended (and was recorded) with `status` after `seconds`. */
   jobRunFinished(kind: string, status: string, seconds: number): void;
+  /** WatchEvents streams open on this replica, now. */
+  eventWatchers(open: number): void;
+  /** One event handed to a watcher, `lagSeconds` after it was committed (its time stamp). */
+  eventSent(lagSeconds: number): void;
 }
 
 /** Metrics off: every report is dropped. */
@@ -53,4 +57,6 @@ export const noMetrics: Metrics = Object.freeze({
   userSuspended: () => undefined,
   usageEntriesStored: () => undefined,
   jobRunFinished: () => undefined,
+  eventWatchers: () => undefined,
+  eventSent: () => undefined,
 });

@@ -8,6 +8,7 @@ import pino, { type Logger } from 'pino';
 import { ConfigError } from '../../src/config';
 import { METHOD_ROLES, parseTokens, rolesFor } from '../../src/grpc/auth';
 import * as billingPb from '../../generated/billing/v1/billing_service';
+import * as eventPb from '../../generated/billing/v1/event_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import * as usagePb from '../../generated/billing/v1/usage_service';
 import * as userPb from '../../generated/billing/v1/user_service';
@@ -344,7 +345,7 @@ describe('AUTH_TOKENS_FILE validation at start-up', () => {
 });
 
 describe('the role table', () => {
-  const services = [userPb.UserServiceService, walletPb.WalletServiceService, billingPb.BillingServiceService, jobPb.JobServiceService, usagePb.UsageServiceService];
+  const services = [userPb.UserServiceService, walletPb.WalletServiceService, billingPb.BillingServiceService, jobPb.JobServiceService, usagePb.UsageServiceService, eventPb.EventServiceService];
   const paths = services.flatMap((s) => Object.values(s).map((m) => m.path)).sort();
   const OPERATOR_ONLY = [
     '/billing.v1.UserService/DeleteUser',

@@ -57,7 +57,7 @@ function check(client: HealthClient, service: string): Promise<ServingStatus> {
   });
 }
 
-const BILLING_SERVICES = ['billing.v1.UserService', 'billing.v1.WalletService', 'billing.v1.BillingService', 'billing.v1.JobService', 'billing.v1.UsageService'];
+const BILLING_SERVICES = ['billing.v1.UserService', 'billing.v1.WalletService', 'billing.v1.BillingService', 'billing.v1.JobService', 'billing.v1.UsageService', 'billing.v1.EventService'];
 const STANDARD_SERVICES = ['grpc.health.v1.Health', 'grpc.reflection.v1.ServerReflection', 'grpc.reflection.v1alpha.ServerReflection'];
 const README = path.resolve(__dirname, '..', '..', 'README.md');
 
@@ -118,6 +118,8 @@ describe('server reflection', () => {
         'billing.v1.BillingService/ListBillingRecords',
         'billing.v1.BillingService/ListUsageLogs',
         'billing.v1.BillingService/ProcessBillingRecord',
+        'billing.v1.EventService/ListEvents',
+        'billing.v1.EventService/WatchEvents',
         'billing.v1.JobService/ListJobRuns',
         'billing.v1.JobService/ProcessAll',
         'billing.v1.JobService/ProcessLogs',

@@ -106,6 +106,7 @@ describe('toServiceError', () => {
     'ABORTED',
     'UNAVAILABLE',
     'RESOURCE_EXHAUSTED',
+    'OUT_OF_RANGE',
     'UNAUTHENTICATED',
     'PERMISSION_DENIED',
   ];
