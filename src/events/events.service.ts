@@ -181,6 +181,8 @@ interface Watcher {
 
 export function createEventsService(deps: EventsServiceDeps): EventsService {
   const { events, clock, log, metrics, retentionMs, pollMs, watchBuffer } = deps;
+  // One read of the hub never hands a watcher more than its buffer holds: between reads, watchers send.
+  const hubPage = Math.min(HUB_PAGE, watchBuffer);
   const pruneIntervalMs = deps.pruneIntervalMs ?? PRUNE_INTERVAL_MS;
 
   // ---- the hub ---------------------------------------------------------------
@@ -224,13 +226,13 @@ export function createEventsService(deps: EventsServiceDeps): EventsService {
     for (;;) {
       const from = seen;
       if (from === null) return;
-      const batch = await events.list({ afterId: from }, HUB_PAGE);
+      const batch = await events.list({ afterId: from }, hubPage);
       if (seen !== from) return; // stopped (and maybe restarted) meanwhile
       if (batch.length > 0) {
         dispatch(batch);
         seen = batch[batch.length - 1].id;
       }
-      if (batch.length < HUB_PAGE) return;
+      if (batch.length < hubPage) return;
     }
   };
 
