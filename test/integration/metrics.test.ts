@@ -10,8 +10,10 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as billingPb from '../../generated/billing/v1/billing_service';
+import * as eventPb from '../../generated/billing/v1/event_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import { createTestDatabase, type TestDatabase } from '../helpers/database';
+import { append, eventually, userCreated, Watch } from '../helpers/events';
 import { bearer, call, expectGrpcError, money, startTestApp, type TestApp } from '../helpers/harness';
 import { httpRequest, samplesOf, scrape, seriesOf, valueOf, type Exposition } from '../helpers/prometheus';
 import { killServiceProcesses, startServiceProcess } from '../helpers/service-process';
@@ -181,6 +183,35 @@ describe('Prometheus metrics', () => {
       expect(Object.values(seriesOf(m, 'billing_usage_entries_total')).filter((v) => v !== 0)).toEqual([]);
     } finally {
       fs.rmSync(notAFile, { recursive: true, force: true });
+    }
+  });
+
+  it('counts open event watchers and the delivery lag of every event sent; a watch that ends is counted once', async () => {
+    t = await startWithMetrics({ EVENT_POLL_MS: '10' });
+    const before = await scrape(t.app.metricsPort!);
+    expect(valueOf(before, 'billing_event_watchers')).toBe(0);
+    expect(valueOf(before, 'billing_event_delivery_lag_seconds_count')).toBe(0);
+    const client = new eventPb.EventServiceClient(t.address, t.credentials, t.clientOptions);
+    try {
+      const w = [new Watch(client), new Watch(client, { types: ['user.deleted'] })];
+      await eventually('both watchers are open', () => t!.app.services.events.watchers === 2);
+      // Committed a second ago: each send's lag is at least that.
+      await append(t.app, [userCreated(1, 1), userCreated(2, 2), userCreated(3, 3)], new Date(Date.now() - 1000));
+      await w[0].until(3);
+      const open = await scrape(t.app.metricsPort!);
+      expect(valueOf(open, 'billing_event_watchers')).toBe(2);
+      expect(open.types.get('billing_event_delivery_lag_seconds')).toBe('histogram');
+      expect(valueOf(open, 'billing_event_delivery_lag_seconds_count')).toBe(3);
+      expect(valueOf(open, 'billing_event_delivery_lag_seconds_bucket', { le: '0.5' })).toBe(0);
+      expect(valueOf(open, 'billing_event_delivery_lag_seconds_sum')).toBeGreaterThanOrEqual(3);
+      expectWellFormedHistogram(open, 'billing_event_delivery_lag_seconds');
+      for (const x of w) x.cancel();
+      await eventually('the watchers are released', () => t!.app.services.events.watchers === 0);
+      const after = await scrape(t.app.metricsPort!);
+      expect(valueOf(after, 'billing_event_watchers')).toBe(0);
+      expect(seriesOf(after, 'billing_rpc_calls_total')).toEqual({ 'code=CANCELLED,method=WatchEvents': 2 });
+    } finally {
+      client.close();
     }
   });
 
