@@ -17,8 +17,8 @@ import * as jobPb from '../../generated/billing/v1/job_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 
-export type Part = 'ingest' | 'ingest-load' | 'rpc' | 'retries' | 'growth' | 'usage-api';
-export const ALL_PARTS: readonly Part[] = ['ingest', 'ingest-load', 'rpc', 'retries', 'growth', 'usage-api'];
+export type Part = 'ingest' | 'ingest-load' | 'rpc' | 'retries' | 'growth' | 'usage-api' | 'events';
+export const ALL_PARTS: readonly Part[] = ['ingest', 'ingest-load', 'rpc', 'retries', 'growth', 'usage-api', 'events'];
 
 export interface BenchOptions {
   quick: boolean;

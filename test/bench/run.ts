@@ -2,7 +2,7 @@
  * Benchmark entry: `npm run bench [-- options]`.
  *
  *   --quick                 100k entries only, shorter RPC runs
- *   --only ingest,rpc,...   parts to run (ingest, ingest-load, rpc, retries, growth, usage-api; default all)
+ *   --only ingest,rpc,...   parts to run (ingest, ingest-load, rpc, retries, growth, usage-api, events; default all)
  *   --db sqlite|postgres    database (postgres: a fresh database from TEST_PG_ADMIN_URL)
  *   --replicas N            PostgreSQL: N service processes on one database for the RPC part
  *   --seconds S             duration of each RPC load run (default 10, quick 4)
@@ -22,6 +22,7 @@ import { runIngest } from './ingest';
 import { LOAD_IN_FLIGHT, runIngestLoad } from './ingest-load';
 import { runRetries } from './retries';
 import { runRpc } from './rpc';
+import { runEvents } from './events';
 import { runUsageApi } from './usage-api';
 
 export function parseArgs(argv: string[]): BenchOptions {
@@ -117,6 +118,14 @@ async function main(): Promise<void> {
       results.usageApi = r;
       out.push(table(`Usage over gRPC (${opts.db}, ${opts.rpcSeconds} s each; latency: RecordUsage call / StreamUsage send -> ack, both after the commit)`, r.rows as never));
       out.push(table("GetUsageSummary of one user's month (ms, 200 calls each)", [r.summary] as never));
+      if (r.notes.length) out.push(r.notes.map((n) => `note: ${n}`).join('\n'));
+      save();
+    }
+    if (opts.only.includes('events')) {
+      const r = await runEvents(opts);
+      results.events = r;
+      out.push(table(`Events: commit-to-watcher latency (${opts.db}, ${opts.rpcSeconds} s; grpc-js clients, ms)`, [r.latency] as never));
+      out.push(table('Events: service RSS with idle watchers', [r.memory] as never));
       if (r.notes.length) out.push(r.notes.map((n) => `note: ${n}`).join('\n'));
       save();
     }

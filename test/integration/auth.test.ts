@@ -247,6 +247,7 @@ describe('bearer-token authentication', () => {
     expect(res.stdout.trim().split('\n').sort()).toEqual(
       [
         'billing.v1.BillingService',
+        'billing.v1.EventService',
         'billing.v1.JobService',
         'billing.v1.UsageService',
         'billing.v1.UserService',
