@@ -194,6 +194,7 @@ export function createEventsService(deps: EventsServiceDeps): EventsService {
   let stopped = false;
   let sleepTimer: NodeJS.Timeout | null = null;
   let wakeLoop: (() => void) | null = null;
+  let failing = false;
 
   const tooSlow = (position: number) =>
     new AppError(
@@ -247,8 +248,12 @@ export function createEventsService(deps: EventsServiceDeps): EventsService {
       if (watchers.size === 0 || stopped) break;
       try {
         await pollOnce();
+        if (failing) log.info('events: reading new events again');
+        failing = false;
       } catch (err) {
-        log.warn({ err }, 'events: could not read new events; trying again');
+        // Once per outage, not once per interval.
+        if (!failing) log.warn({ err }, 'events: could not read new events; trying again every interval');
+        failing = true;
       }
     }
     // Nobody watches: forget the position (the next watcher starts the hub again from the newest id).

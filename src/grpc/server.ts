@@ -8,6 +8,7 @@
  * first interceptor) and per connection (./listener.ts owns the listening
  * sockets, to cap their number).
  */
+import { setMaxListeners } from 'node:events';
 import * as fs from 'node:fs';
 import * as tls from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
@@ -169,6 +170,8 @@ export function createGrpcServer(deps: GrpcServerDeps): GrpcServer {
   const bidi = createBidi(adapterDeps);
   // Aborted as shutdown starts: server streams (WatchEvents) end then, instead of holding the drain.
   const closing = new AbortController();
+  // One listener per open stream (a thousand watchers are a thousand): not a leak, so no warning.
+  setMaxListeners(0, closing.signal);
   const serverStream = createServerStream({ ...adapterDeps, closing: closing.signal });
 
   server.addService(userPb.UserServiceService, createUserHandlers({ unary, users: services.users }));
