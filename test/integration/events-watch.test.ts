@@ -4,7 +4,9 @@
  * no duplicate, OUT_OF_RANGE after pruning, a consumer that does not read
  * ended with RESOURCE_EXHAUSTED, bad requests, shutdown ending watchers at
  * once, and on PostgreSQL two replicas on one database (an event committed
- * through either reaches watchers on both, in cursor order, each once).
+ * through either reaches watchers on both, in cursor order, each once); the
+ * built service with 20 watchers, ended at SIGTERM without a listener-leak
+ * warning.
  *
  * Events are appended through their door (the events repository, in a
  * transaction of the app's database): these tests are about delivery, not
@@ -18,6 +20,7 @@ import * as eventPb from '../../generated/billing/v1/event_service';
 import { createTestDatabase, onPostgres, type TestDatabase } from '../helpers/database';
 import { append, eventually, expectIncreasing, listAll, userCreated, Watch } from '../helpers/events';
 import { call, expectGrpcError, startTestApp, type TestApp } from '../helpers/harness';
+import { killServiceProcesses, startServiceProcess } from '../helpers/service-process';
 import type { NewEvent } from '../../src/events/events.types';
 
 jest.setTimeout(120_000);
@@ -311,5 +314,39 @@ describe('EventService across a restart', () => {
       w.cancel();
     }
     for (const c of clients) c.close();
+  });
+});
+
+describe('EventService in a service process', () => {
+  let dir: string;
+  let db: TestDatabase;
+  beforeEach(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-events-process-'));
+    db = await createTestDatabase(dir);
+  });
+  afterEach(async () => {
+    await killServiceProcesses();
+    await db.drop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('holds 20 watchers without a listener-leak warning and ends them all at SIGTERM, exit 0', async () => {
+    const svc = await startServiceProcess({ GRPC_PORT: '0', ...db.env, INGEST_CRON: 'off', SHUTDOWN_GRACE_MS: '20000' });
+    const client = new eventPb.EventServiceClient(`127.0.0.1:${svc.port}`, grpc.credentials.createInsecure());
+    try {
+      const w = range(20).map(() => new Watch(client));
+      await call(svc.users, 'createUser', { email: 'p@example.com', name: 'P', requestId: '' });
+      // Whether or not user.created is written yet (another change adds the emitters), the streams are open:
+      await new Promise((r) => setTimeout(r, 500));
+      const started = Date.now();
+      svc.child.kill('SIGTERM');
+      for (const x of w) expect(await x.ended).toMatchObject({ code: grpc.status.UNAVAILABLE, reason: 'SHUTTING_DOWN' });
+      expect((await svc.exit).code).toBe(0);
+      expect(Date.now() - started).toBeLessThan(10_000);
+      expect(svc.output()).not.toMatch(/MaxListenersExceededWarning/);
+    } finally {
+      client.close();
+      svc.close();
+    }
   });
 });
