@@ -74,8 +74,8 @@ export function createBillingService(deps: BillingDeps): BillingService {
   const { db, clock, log, records, ledger, users, charging, idempotency, alerts } = deps;
 
   /** One attempt, then the record as committed after it. */
-  async function chargeAndView(id: number, trigger: 'new' | 'manual'): Promise<ChargeResult> {
-    const result = await charging.chargeOne(id, trigger);
+  async function chargeAndView(id: number, trigger: 'new' | 'manual', signal?: AbortSignal): Promise<ChargeResult> {
+    const result = await charging.chargeOne(id, trigger, signal);
     const view = await records.view(id);
     const outcome = result.outcome === 'SKIPPED' ? outcomeOf(view.record.status) : result.outcome;
     return { ...view, outcome, userSuspended: result.userSuspended };
@@ -120,8 +120,9 @@ export function createBillingService(deps: BillingDeps): BillingService {
       // PAID is final: answer it from a read, without a write transaction.
       const view = await records.view(id);
       if (view.record.status === 'PAID') return { ...view, outcome: 'ALREADY_PAID', userSuspended: false };
-      ctx.signal.throwIfAborted();
-      return chargeAndView(id, 'manual');
+      // Not made at all if the caller goes away before its turn; a new record's first attempt (above) is made
+      // anyway, or the record would wait for the retry scheduler.
+      return chargeAndView(id, 'manual', ctx.signal);
     },
 
     settleUser: (userId) => charging.settleUser(userId),

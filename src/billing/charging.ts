@@ -6,6 +6,12 @@
  * transaction per BATCH records, a few set-based statements instead of a
  * commit per record), with the same decision either way.
  *
+ * One attempt on one record is a short write: on SQLite it goes through group
+ * commit (db.groupWrite), so attempts on different records that arrive
+ * together share one COMMIT, each in its own savepoint; an attempt that lost
+ * to another charger is rolled back to its savepoint alone and read again in
+ * a later transaction, and nobody is answered before the COMMIT.
+ *
  * Every write stays guarded: the debit is a conditional UPDATE of the wallet,
  * the ledger allows one DEBIT per record, and a record moves only from the
  * state it was read in. If another charger got there first, the attempt is
@@ -32,8 +38,12 @@ export interface AttemptResult {
 }
 
 export interface Charging {
-  /** One attempt on one record; NOT_FOUND when it does not exist. */
-  chargeOne(id: number, trigger: Exclude<ChargeTrigger, 'retry'>): Promise<AttemptResult>;
+  /**
+   * One attempt on one record; NOT_FOUND when it does not exist. With a
+   * `signal` (the caller's), an attempt not yet begun when the caller goes
+   * away is not made (the signal's reason is thrown).
+   */
+  chargeOne(id: number, trigger: Exclude<ChargeTrigger, 'retry'>, signal?: AbortSignal): Promise<AttemptResult>;
   /** The first attempt of new records, or the due retries among `ids`, in batches. */
   chargeMany(ids: readonly number[], trigger: 'new' | 'retry'): Promise<RetryCounts>;
   /** Pays the user's unpaid records oldest first (what fits); reactivates a user suspended for non-payment. */
@@ -127,10 +137,11 @@ export function createCharging(deps: ChargingDeps): Charging {
 
   const conflict = (err: unknown) => err instanceof StaleRecord || isUniqueViolation(err);
 
-  async function chargeOne(id: number, trigger: ChargeTrigger): Promise<AttemptResult> {
+  async function chargeOne(id: number, trigger: ChargeTrigger, signal?: AbortSignal): Promise<AttemptResult> {
     for (let round = 0; ; round++) {
       try {
-        const done = await db.transaction(async (tx) => {
+        // A lost round is rolled back to its savepoint alone and submitted again: it joins a later group.
+        const done = await db.groupWrite(async (tx) => {
           const now = clock.now();
           const rows = await records.readForCharge(tx, [id], trigger === 'retry' ? now : undefined);
           if (rows.length === 0) {
@@ -138,7 +149,7 @@ export function createCharging(deps: ChargingDeps): Charging {
             throw notFound('BILLING_RECORD_NOT_FOUND', `billing record ${id} not found`);
           }
           return attempt(tx, rows, trigger, now);
-        });
+        }, { signal });
         if (done.retryAt !== null) deps.onRetryScheduled?.(new Date(done.retryAt));
         const { outcome } = done.outcomes[0];
         observe(outcome, trigger, done.suspended.has(id));
@@ -162,7 +173,7 @@ export function createCharging(deps: ChargingDeps): Charging {
   }
 
   return {
-    chargeOne: (id, trigger) => chargeOne(id, trigger),
+    chargeOne: (id, trigger, signal) => chargeOne(id, trigger, signal),
 
     async chargeMany(ids, trigger) {
       const counts = emptyRetryCounts();

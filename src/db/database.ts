@@ -79,6 +79,12 @@ export interface Database {
    * SQLite one read transaction on a reader kept for snapshots.
    */
   snapshot<T>(work: (read: Read) => Promise<T>): Promise<T>;
+  /**
+   * Write transactions this object has committed so far (a shared group-commit
+   * transaction counts once, however many writes it held): on SQLite, how
+   * many COMMITs, hence fsyncs, its writes cost.
+   */
+  committedTransactions(): number;
 
   // ---- the dialect, by name -------------------------------------------------
 
@@ -160,6 +166,7 @@ class SqlDatabase implements Database {
   private readonly groups: GroupCommit | null;
   /** The tail of the work each `exclusive` name runs in this process. */
   private readonly exclusives = new Map<string, Promise<unknown>>();
+  private committed = 0;
 
   constructor(private readonly engine: Engine) {
     this.dialect = engine.dialect;
@@ -174,15 +181,21 @@ class SqlDatabase implements Database {
 
   async transaction<T>(work: (tx: Tx) => Promise<T>, opts: TransactionOptions = {}): Promise<T> {
     opts.signal?.throwIfAborted();
-    return this.em.fork().transactional(async (em) => {
+    const result = await this.em.fork().transactional(async (em) => {
       const tx = txOf(em, await this.engine.statementsOf(em));
       const hooks: (() => Promise<void>)[] = [];
       this.beforeCommit.set(tx, hooks);
-      const result = await work(tx);
+      const value = await work(tx);
       // Writes deferred to the end of the transaction (inEventOrder), in the order they were asked for.
       for (const hook of hooks) await hook();
-      return result;
+      return value;
     });
+    this.committed++;
+    return result;
+  }
+
+  committedTransactions(): number {
+    return this.committed;
   }
 
   groupWrite<T>(work: (tx: Tx) => Promise<T>, opts: TransactionOptions = {}): Promise<T> {

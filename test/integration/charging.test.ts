@@ -126,6 +126,22 @@ describe('charging', () => {
     expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('0.000000');
     await invariantsHold(t);
   });
+
+  it('concurrent charges of different records share COMMITs on SQLite (group commit); on PostgreSQL each is its own transaction', async () => {
+    t = await startTestApp({}, { scheduler: false });
+    const userId = await newUser(t, '0');
+    const ids: bigint[] = [];
+    for (let i = 0; i < 40; i++) ids.push((await createRecord(t, userId, '1')).billingRecord!.id); // short: PENDING
+    await creditWithoutSettling(t, userId, 40_000_000n);
+    const before = t.app.db.committedTransactions();
+    const results = await Promise.all(ids.map((id) => call(t.billing, 'processBillingRecord', { id })));
+    const commits = t.app.db.committedTransactions() - before;
+    expect(results.filter((r) => r.outcome === O.CHARGE_OUTCOME_CHARGED)).toHaveLength(40);
+    if (t.app.db.dialect === 'sqlite') expect(commits).toBeLessThanOrEqual(10);
+    else expect(commits).toBeGreaterThanOrEqual(40);
+    expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('0.000000');
+    await invariantsHold(t);
+  });
 });
 
 describe('retries, suspension and settlement (injected clock)', () => {
