@@ -121,6 +121,7 @@ export function createUsersRepository(db: Database, events: EventsRepository): U
              and not exists (select 1 from billing_records b where b.user_id = users.id and b.status <> 'PAID')
            returning id`,
           [false, now.getTime(), ...part, true],
+          { keep: part.length === 1 }, // one user (every single charge): one fixed text, kept prepared
         );
         for (const r of rows) moved.push(Number(r.id));
       }

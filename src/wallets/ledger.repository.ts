@@ -223,6 +223,7 @@ export function createLedgerRepository(db: Database, events: EventsRepository): 
           `select user_id, cast(balance as text) as balance from wallets
            where user_id in (${part.map(() => '?').join(', ')}) and closed_at is null order by user_id${db.forUpdate()}`,
           part,
+          { keep: part.length === 1 }, // one user (every single charge): one fixed text, kept prepared
         );
         for (const r of rows) balances.set(Number(r.user_id), int64(r.balance));
       }
