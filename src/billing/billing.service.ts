@@ -90,7 +90,8 @@ export function createBillingService(deps: BillingDeps): BillingService {
         throw invalidArgument('description', 'INVALID_DESCRIPTION', `description must be at most ${MAX_DESCRIPTION} characters`);
       }
       const key = idempotency.key('CreateBillingRecord', input.requestId, { userId: input.userId, amount: input.amount, description });
-      const { id, replayed } = await db.transaction(async (tx) => {
+      // A short write: on SQLite, records created together share one COMMIT (group commit), as their first attempts do.
+      const { id, replayed } = await db.groupWrite(async (tx) => {
         if (key) {
           const existing = await idempotency.claim(tx, key);
           if (existing !== null) return { id: existing, replayed: true };

@@ -142,6 +142,22 @@ describe('charging', () => {
     expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('0.000000');
     await invariantsHold(t);
   });
+
+  it('concurrent CreateBillingRecord calls share COMMITs on SQLite, for the records and for their first attempts', async () => {
+    t = await startTestApp({}, { scheduler: false });
+    const userId = await newUser(t, '40');
+    const before = t.app.db.committedTransactions();
+    const results = await Promise.all(Array.from({ length: 40 }, (_, i) => createRecord(t, userId, '1', `shared-${i}`)));
+    const commits = t.app.db.committedTransactions() - before;
+    expect(results.filter((r) => r.outcome === O.CHARGE_OUTCOME_CHARGED)).toHaveLength(40);
+    // Each call: its record, then its first attempt; 80 transactions when each is its own.
+    if (t.app.db.dialect === 'sqlite') expect(commits).toBeLessThanOrEqual(20);
+    else expect(commits).toBeGreaterThanOrEqual(80);
+    const again = await createRecord(t, userId, '1', 'shared-7');
+    expect(again.billingRecord!.id).toBe(results[7].billingRecord!.id);
+    expect(amountOf((await call(t.wallets, 'getBalance', { userId })).balance)).toBe('0.000000');
+    await invariantsHold(t);
+  });
 });
 
 describe('retries, suspension and settlement (injected clock)', () => {
