@@ -214,7 +214,8 @@ export function createBillingRecordsRepository(db: Database, events: EventsRepos
          from (select ${cols.map((c, k) => `column${k + 1} as ${c}`).join(', ')} from (values ${part.map(() => row).join(', ')}) as t) as v
          where billing_records.id = v.id and billing_records.status = v.read_status and billing_records.attempt_count = v.read_attempts`,
         [...setParams, ...part.flatMap((t) => [t.row.id, t.row.status, t.row.attemptCount, t.decision.attemptCount, ...extra(t)])],
-        { keep: part.length === 1 },
+        // One record, or a full part: fixed texts, kept prepared (preparing 1,000 rows' worth took a fifth of a batch).
+        { keep: part.length === 1 || part.length === SET_ROWS },
       );
       if (changed !== part.length) throw new StaleRecord();
     }

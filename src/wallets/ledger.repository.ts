@@ -204,6 +204,7 @@ export function createLedgerRepository(db: Database, events: EventsRepository): 
            values ${part.map(() => `(?, 'DEBIT', cast(? as bigint), cast(? as bigint), ?, null, ?)`).join(', ')}
            returning id, billing_record_id`,
           part.flatMap((d, k) => [d.userId, d.amount.toString(), afters[i + k].toString(), d.billingRecordId, at]),
+          { keep: part.length === LEDGER_ROWS }, // a full part: one fixed text, kept prepared
         );
         // Matched by record (one DEBIT per record), not by the order RETURNING happens to give.
         const idOf = new Map(inserted.map((r) => [Number(r.billing_record_id), Number(r.id)]));
