@@ -95,7 +95,7 @@ export function createEventsRepository(db: Database): EventsRepository {
         for (let i = 0; i < rows.length; i += INSERT_ROWS) {
           const part = rows.slice(i, i + INSERT_ROWS);
           const sql = `insert into events (type, user_id, ref_id, payload, created_at) values ${part.map(() => '(?, ?, ?, ?, ?)').join(', ')}`;
-          await tx.run(sql, part.flat(), { keep: part.length === 1 });
+          await tx.run(sql, part.flat(), { keep: part.length === 1 || part.length === INSERT_ROWS });
         }
       });
     },
