@@ -10,6 +10,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import * as usagePb from '../../generated/billing/v1/usage_service';
+import * as eventPb from '../../generated/billing/v1/event_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 
@@ -31,6 +32,7 @@ export interface ServiceProcess {
   billing: billingPb.BillingServiceClient;
   jobs: jobPb.JobServiceClient;
   usage: usagePb.UsageServiceClient;
+  events: eventPb.EventServiceClient;
   /** Closes the clients (not the process). */
   close(): void;
 }
@@ -108,6 +110,7 @@ export function startServiceProcess(env: Record<string, string>, options: StartO
         billing: new billingPb.BillingServiceClient(address, creds),
         jobs: new jobPb.JobServiceClient(address, creds),
         usage: new usagePb.UsageServiceClient(address, creds),
+        events: new eventPb.EventServiceClient(address, creds),
       };
       resolve({
         child,

@@ -231,6 +231,35 @@ describe(`README: ${SECTION}`, () => {
       ['WALLET_TRANSACTION_TYPE_CREDIT', '50000000'],
       ['WALLET_TRANSACTION_TYPE_DEBIT', '54000000'],
     ]);
+    // ListEvents: user 2's suspension (for the record that failed) and reactivation (settled), and the cursor to poll with.
+    const suspension = outputs('ListEvents')[0] as unknown as {
+      events: { cursor: string; type: string; userId: string; userSuspended?: { billingRecordId: string }; userReactivated?: { settled?: boolean } }[];
+      nextCursor: string;
+    };
+    expect(suspension.events.map((e) => [e.type, e.userId])).toEqual([
+      ['user.suspended', '2'],
+      ['user.reactivated', '2'],
+    ]);
+    expect(suspension.events[0].userSuspended!.billingRecordId).toBe(String(id2));
+    expect(suspension.events[1].userReactivated).toEqual({ settled: true });
+    expect(suspension.nextCursor).toBe(suspension.events[1].cursor);
+    // What the watcher of the third terminal printed, as the README lists it: every event of user 2 in order.
+    const seen = (await call(svc.events, 'listEvents', { afterCursor: '', types: [], userId: 2n, pageSize: 500 })).events.map((e) => e.type);
+    // The balance alerts among them (default threshold 0): a new user starts depleted, $10 recovers, the $54 record
+    // depletes, the $50 top-up recovers.
+    expect(seen.filter((type) => type.startsWith('balance.'))).toEqual(['balance.recovered', 'balance.depleted', 'balance.recovered']);
+    expect(seen.filter((type) => !type.startsWith('balance.'))).toEqual([
+      'user.created',
+      'wallet.credited',
+      'billing_record.created',
+      ...Array.from({ length: 5 }, () => 'billing_record.retry_scheduled'),
+      'billing_record.failed',
+      'user.suspended',
+      'wallet.credited',
+      'wallet.debited',
+      'billing_record.paid',
+      'user.reactivated',
+    ]);
     const again = outputs('ProcessLogs')[1] as { jobRun: JsonJobRun } | undefined;
     expect(again).toBeDefined(); // the walkthrough runs ProcessLogs a second time
     expect({
