@@ -202,6 +202,21 @@ function pull<T>(stream: NodeJS.ReadableStream): () => Promise<{ value: T } | nu
   };
 }
 
+/**
+ * Ends a stream with the status `err` maps to (INTERNAL when mapping it fails) and returns that status, for the
+ * call's log line.
+ */
+function failStream(call: { emit(event: 'error', error: Partial<grpc.StatusObject>): boolean }, err: unknown, log: Logger): ErrorStatus {
+  let status: ErrorStatus;
+  try {
+    status = describeError(err, log);
+  } catch {
+    status = { code: grpc.status.INTERNAL, details: INTERNAL_MESSAGE, metadata: new grpc.Metadata(), reason: INTERNAL_REASON };
+  }
+  call.emit('error', { code: status.code, details: status.details, metadata: status.metadata });
+  return status;
+}
+
 export function createBidi(deps: AdapterDeps): Bidi {
   const { fork, log, callerOf = () => undefined, accessLog = false } = deps;
   return <Req, Res>(name: string, handle: BidiHandler<Req, Res>, opts: RpcOptions & { window: number }): grpc.handleBidiStreamingCall<Req, Res> =>
@@ -295,13 +310,7 @@ export function createBidi(deps: AdapterDeps): Bidi {
         },
         (err: unknown) => {
           if (abort.signal.aborted) return finish(grpc.status.CANCELLED, 'CALL_CANCELLED');
-          let status: ErrorStatus;
-          try {
-            status = describeError(err, log);
-          } catch {
-            status = { code: grpc.status.INTERNAL, details: INTERNAL_MESSAGE, metadata: new grpc.Metadata(), reason: INTERNAL_REASON };
-          }
-          call.emit('error', { code: status.code, details: status.details, metadata: status.metadata });
+          const status = failStream(call, err, log);
           finish(status.code, status.reason);
         },
       ).catch((err: unknown) => {
@@ -424,13 +433,7 @@ export function createServerStream(deps: AdapterDeps & { closing?: AbortSignal }
           (err: unknown) => {
             // The client has gone: there is nobody to send a status to.
             if (cancelled) return finish(grpc.status.CANCELLED, 'CALL_CANCELLED');
-            let status: ErrorStatus;
-            try {
-              status = describeError(err, log);
-            } catch {
-              status = { code: grpc.status.INTERNAL, details: INTERNAL_MESSAGE, metadata: new grpc.Metadata(), reason: INTERNAL_REASON };
-            }
-            call.emit('error', { code: status.code, details: status.details, metadata: status.metadata });
+            const status = failStream(call, err, log);
             finish(status.code, status.reason);
           },
         )
