@@ -5,6 +5,8 @@
  * the way a user starts it (`npm start` in the repository root).
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as billingPb from '../../generated/billing/v1/billing_service';
@@ -13,6 +15,7 @@ import * as usagePb from '../../generated/billing/v1/usage_service';
 import * as eventPb from '../../generated/billing/v1/event_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
+import { createTestDatabase, type TestDatabase } from './database';
 
 export const ROOT = path.resolve(__dirname, '../..');
 export const MAIN = path.join(ROOT, 'dist/src/main.js');
@@ -172,4 +175,47 @@ export function isRunning(pid: number): boolean {
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
+}
+
+/** A temporary directory and a fresh test database per test, and the service processes a test started. */
+export interface ProcessWorkspace {
+  /** This test's directory (the usage files, the SQLite database). */
+  readonly dir: string;
+  /** This test's database (SQLite in `dir`, or a fresh PostgreSQL database). */
+  readonly db: TestDatabase;
+  /** Processes whose clients are closed after the test (every service process is killed anyway). */
+  readonly running: ServiceProcess[];
+}
+
+/**
+ * For a describe block of tests that run the built service: before each test a
+ * new directory (`prefix`) and database; after it, the clients of `running`
+ * closed, every service process this file started killed, the database
+ * dropped and the directory removed.
+ */
+export function useProcessWorkspace(prefix: string): ProcessWorkspace {
+  let dir = '';
+  let db: TestDatabase | null = null;
+  const running: ServiceProcess[] = [];
+  beforeEach(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+    db = await createTestDatabase(dir);
+  });
+  afterEach(async () => {
+    for (const s of running.splice(0)) s.close();
+    await killServiceProcesses();
+    await db?.drop();
+    db = null;
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  return {
+    get dir() {
+      return dir;
+    },
+    get db() {
+      if (!db) throw new Error('the workspace exists only inside a test');
+      return db;
+    },
+    running,
+  };
 }

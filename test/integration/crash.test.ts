@@ -11,7 +11,6 @@
  * Every assertion carries the seed and the kill moment so a failure reproduces.
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import pino from 'pino';
@@ -20,10 +19,9 @@ import * as jobPb from '../../generated/billing/v1/job_service';
 import type { DatabaseConfig } from '../../src/config';
 import { openDatabase } from '../../src/db/database';
 import { checkInvariants } from '../../src/ops/invariants';
-import { createTestDatabase, type TestDatabase } from '../helpers/database';
 import { eventSummary } from '../helpers/events';
 import { call, money } from '../helpers/harness';
-import { killServiceProcesses, startServiceProcess, type ServiceProcess } from '../helpers/service-process';
+import { startServiceProcess, useProcessWorkspace } from '../helpers/service-process';
 import { mulberry32 } from '../helpers/prng';
 
 const DEFAULT_SEEDS = [11, 23, 37, 41, 59, 73];
@@ -100,23 +98,10 @@ async function inPool<T>(items: T[], width: number, stop: () => boolean, send: (
 type Outcome = { ok: true; value: string } | { ok: false; code: grpc.status | 'NOT_SENT' };
 
 describe('SIGKILL at a seeded moment, restart, finish: nothing lost, nothing twice', () => {
-  let dir: string;
-  let db: TestDatabase;
-  const running: ServiceProcess[] = [];
-
-  beforeEach(async () => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-crash-'));
-    db = await createTestDatabase(dir);
-  });
-
-  afterEach(async () => {
-    for (const s of running.splice(0)) s.close();
-    await killServiceProcesses();
-    await db.drop();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  const ws = useProcessWorkspace('billing-crash-');
 
   it.each(SEEDS)('seed %i', async (seed) => {
+    const { dir, db, running } = ws;
     const rand = mulberry32(seed);
     const between = (lo: number, hi: number) => lo + Math.floor(rand() * (hi - lo + 1));
     const file = path.join(dir, 'usage.ndjson');
@@ -363,23 +348,10 @@ describe('SIGKILL at a seeded moment, restart, finish: nothing lost, nothing twi
  * run back and bill every entry exactly once.
  */
 describe('SIGKILL at an ingestion chunk boundary, restart, ingest again: every entry billed once', () => {
-  let dir: string;
-  let db: TestDatabase;
-  const running: ServiceProcess[] = [];
-
-  beforeEach(async () => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-chunks-'));
-    db = await createTestDatabase(dir);
-  });
-
-  afterEach(async () => {
-    for (const s of running.splice(0)) s.close();
-    await killServiceProcesses();
-    await db.drop();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  const ws = useProcessWorkspace('billing-chunks-');
 
   it.each(SEEDS)('seed %i', async (seed) => {
+    const { dir, db, running } = ws;
     const rand = mulberry32(seed);
     const between = (lo: number, hi: number) => lo + Math.floor(rand() * (hi - lo + 1));
     const file = path.join(dir, 'usage.ndjson');

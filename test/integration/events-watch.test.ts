@@ -20,7 +20,7 @@ import * as eventPb from '../../generated/billing/v1/event_service';
 import { createTestDatabase, onPostgres, type TestDatabase } from '../helpers/database';
 import { append, eventually, expectIncreasing, listAll, userCreated, Watch } from '../helpers/events';
 import { call, expectGrpcError, startTestApp, type TestApp } from '../helpers/harness';
-import { killServiceProcesses, startServiceProcess } from '../helpers/service-process';
+import { startServiceProcess, useProcessWorkspace } from '../helpers/service-process';
 import type { NewEvent } from '../../src/events/events.types';
 
 jest.setTimeout(120_000);
@@ -318,19 +318,10 @@ describe('EventService across a restart', () => {
 });
 
 describe('EventService in a service process', () => {
-  let dir: string;
-  let db: TestDatabase;
-  beforeEach(async () => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-events-process-'));
-    db = await createTestDatabase(dir);
-  });
-  afterEach(async () => {
-    await killServiceProcesses();
-    await db.drop();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  const ws = useProcessWorkspace('billing-events-process-');
 
   it('holds 20 watchers without a listener-leak warning and ends them all at SIGTERM, exit 0', async () => {
+    const { dir, db } = ws;
     const svc = await startServiceProcess({ GRPC_PORT: '0', ...db.env, INGEST_CRON: 'off', SHUTDOWN_GRACE_MS: '20000' });
     const client = new eventPb.EventServiceClient(`127.0.0.1:${svc.port}`, grpc.credentials.createInsecure());
     try {

@@ -4,8 +4,6 @@
  * Each change is committed entirely or not at all, a retry with the same
  * request_id returns the committed result, and the invariant checker passes.
  */
-import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { Client } from 'pg';
@@ -15,9 +13,9 @@ import * as jobPb from '../../generated/billing/v1/job_service';
 import type { DatabaseConfig } from '../../src/config';
 import { openDatabase, type Database } from '../../src/db/database';
 import { checkInvariants } from '../../src/ops/invariants';
-import { createTestDatabase, onPostgres, type TestDatabase } from '../helpers/database';
+import { onPostgres } from '../helpers/database';
 import { call, expectGrpcError, money, startTestApp, type TestApp } from '../helpers/harness';
-import { killServiceProcesses, startServiceProcess, type ServiceProcess } from '../helpers/service-process';
+import { startServiceProcess, useProcessWorkspace, type ServiceProcess } from '../helpers/service-process';
 import { writeNdjson } from '../helpers/usage';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -322,23 +320,10 @@ describe('when the database is locked or drops its connections', () => {
 });
 
 describe('SIGTERM under load', () => {
-  let dir: string;
-  let db: TestDatabase;
-  const started: ServiceProcess[] = [];
-
-  beforeEach(async () => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-term-'));
-    db = await createTestDatabase(dir);
-  });
-
-  afterEach(async () => {
-    for (const s of started.splice(0)) s.close();
-    await killServiceProcesses();
-    await db.drop();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  const ws = useProcessWorkspace('billing-term-');
 
   it('with ~200 calls in flight every call completes or fails cleanly, the process exits 0, and retries credit once', async () => {
+    const { dir, db, running: started } = ws;
     const env = { GRPC_PORT: '0', ...db.env, INGEST_CRON: 'off', LOG_LEVEL: 'info', LOG_FILE_PATH: path.join(dir, 'none.json') };
     let svc = await startServiceProcess(env);
     started.push(svc);

@@ -8,8 +8,6 @@
  *
  * Seeds: CRASH_SEEDS=5,8 npx jest test/integration/usage-crash.test.ts
  */
-import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import pino from 'pino';
@@ -17,10 +15,9 @@ import * as usagePb from '../../generated/billing/v1/usage_service';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import { openDatabase } from '../../src/db/database';
 import { checkInvariants } from '../../src/ops/invariants';
-import { createTestDatabase, type TestDatabase } from '../helpers/database';
 import { call, money } from '../helpers/harness';
 import { mulberry32 } from '../helpers/prng';
-import { killServiceProcesses, startServiceProcess, type ServiceProcess } from '../helpers/service-process';
+import { startServiceProcess, useProcessWorkspace } from '../helpers/service-process';
 import { DEFAULT_PRICES, event, micros, priced, R, scaled, UsageStream } from '../helpers/usage-api';
 
 const SEEDS = process.env.CRASH_SEEDS ? process.env.CRASH_SEEDS.split(',').map((s) => Number(s.trim())) : [3, 17, 29];
@@ -29,22 +26,10 @@ const PER_BATCH = 250;
 const USERS = 8;
 
 describe('SIGKILL while a stream is sending, restart, resend what was not answered: every event once', () => {
-  let dir: string;
-  let db: TestDatabase;
-  const running: ServiceProcess[] = [];
-
-  beforeEach(async () => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-usage-crash-'));
-    db = await createTestDatabase(dir);
-  });
-  afterEach(async () => {
-    for (const s of running.splice(0)) s.close();
-    await killServiceProcesses();
-    await db.drop();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  const ws = useProcessWorkspace('billing-usage-crash-');
 
   it.each(SEEDS)('seed %i', async (seed) => {
+    const { dir, db, running } = ws;
     const rand = mulberry32(seed);
     const env = { GRPC_PORT: '0', ...db.env, INGEST_CRON: 'off', LOG_FILE_PATH: path.join(dir, 'none.ndjson'), LOG_LEVEL: 'info' };
     let svc = await startServiceProcess(env);
