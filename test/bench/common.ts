@@ -420,3 +420,36 @@ export function table(title: string, rows: Record<string, unknown>[]): string {
 export function tmpWorkDir(): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), 'billing-bench-'));
 }
+
+/** What a closed loop of calls measured: latencies of the calls that finished (ms, sorted), failures, duration. */
+export interface LoopResult {
+  latencies: number[];
+  errors: number;
+  seconds: number;
+}
+
+/**
+ * A closed loop: `inFlight` workers calling `fn` back to back while `more()`
+ * says so; only calls that finished are timed (a failed call counts as an error).
+ */
+export function closedLoop(inFlight: number, fn: (i: number) => Promise<unknown>, more: () => boolean): { finished(): number; done: Promise<LoopResult> } {
+  const latencies: number[] = [];
+  let errors = 0;
+  let n = 0;
+  const t0 = performance.now();
+  const done = Promise.all(
+    Array.from({ length: inFlight }, async () => {
+      while (more()) {
+        const i = n++;
+        const s = performance.now();
+        try {
+          await fn(i);
+          latencies.push(performance.now() - s);
+        } catch {
+          errors++;
+        }
+      }
+    }),
+  ).then(() => ({ latencies: latencies.sort((a, b) => a - b), errors, seconds: (performance.now() - t0) / 1000 }));
+  return { finished: () => latencies.length, done };
+}

@@ -10,7 +10,7 @@
  */
 import * as fs from 'node:fs';
 import * as jobPb from '../../generated/billing/v1/job_service';
-import { clients, freshDb, log, mb, pct, round, seedUsers, sleep, startService, unary, type BenchOptions, type Clients } from './common';
+import { clients, closedLoop, freshDb, log, mb, pct, round, seedUsers, sleep, startService, unary, type BenchOptions, type Clients } from './common';
 import type { UsageFormat } from './data';
 import { FUNDS, USERS, timedIngest, usageFile } from './ingest';
 
@@ -51,30 +51,13 @@ interface Loop {
 
 /** `inFlight` workers calling `fn` back to back until stopped; only calls that finished are timed. */
 function startLoop(phase: LoadRow['phase'], rpc: LoadRow['rpc'], inFlight: number, fn: (i: number) => Promise<unknown>): Loop & { ok(): number } {
-  const latencies: number[] = [];
-  let errors = 0;
-  let n = 0;
   let running = true;
-  const t0 = performance.now();
-  const workers = Array.from({ length: inFlight }, async () => {
-    while (running) {
-      const i = n++;
-      const s = performance.now();
-      try {
-        await fn(i);
-        latencies.push(performance.now() - s);
-      } catch {
-        errors++;
-      }
-    }
-  });
+  const loop = closedLoop(inFlight, fn, () => running);
   return {
-    ok: () => latencies.length,
+    ok: () => loop.finished(),
     async stop() {
       running = false;
-      await Promise.all(workers);
-      const elapsed = (performance.now() - t0) / 1000;
-      latencies.sort((a, b) => a - b);
+      const { latencies, errors, seconds: elapsed } = await loop.done;
       return {
         phase,
         rpc,

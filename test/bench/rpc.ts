@@ -25,6 +25,7 @@ import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 import {
   clients,
+  closedLoop,
   freePort,
   freshDb,
   log,
@@ -196,28 +197,9 @@ function rawCall(client: grpc.Client, rpcPath: string, message: Buffer): Promise
 }
 
 /** Closed loop: `concurrency` workers calling `fn` until `seconds` are up. */
-async function closedLoop(concurrency: number, seconds: number, fn: (i: number) => Promise<unknown>): Promise<Omit<ClientRow, 'rpc' | 'inFlight'>> {
-  const latencies: number[] = [];
-  let errors = 0;
-  let n = 0;
+async function timedLoop(concurrency: number, seconds: number, fn: (i: number) => Promise<unknown>): Promise<Omit<ClientRow, 'rpc' | 'inFlight'>> {
   const end = performance.now() + seconds * 1000;
-  const t0 = performance.now();
-  await Promise.all(
-    Array.from({ length: concurrency }, async () => {
-      while (performance.now() < end) {
-        const i = n++;
-        const s = performance.now();
-        try {
-          await fn(i);
-          latencies.push(performance.now() - s);
-        } catch {
-          errors++;
-        }
-      }
-    }),
-  );
-  const elapsed = (performance.now() - t0) / 1000;
-  latencies.sort((a, b) => a - b);
+  const { latencies, errors, seconds: elapsed } = await closedLoop(concurrency, fn, () => performance.now() < end).done;
   return { calls: latencies.length, callsPerS: Math.round(latencies.length / elapsed), p50Ms: round(pct(latencies, 50), 3), p99Ms: round(pct(latencies, 99), 3), errors };
 }
 
@@ -446,7 +428,7 @@ export async function runRpc(opts: BenchOptions): Promise<{ h2load: H2Row[]; cli
       const trivialClient = new Map<number, number>();
       for (const call of calls) {
         for (const inFlight of [1, 16]) {
-          const r = await closedLoop(inFlight, clientSeconds, call.fn);
+          const r = await timedLoop(inFlight, clientSeconds, call.fn);
           if (call.rpc.startsWith('trivial')) trivialClient.set(inFlight, r.callsPerS);
           clientRows.push({ rpc: call.rpc, inFlight, ...r, ratio: round(r.callsPerS / (trivialClient.get(inFlight) ?? NaN), 3) });
           log(`client ${call.rpc} @${inFlight}: ${r.callsPerS}/s p50 ${r.p50Ms} ms p99 ${r.p99Ms} ms errors ${r.errors}`);
