@@ -49,6 +49,13 @@ export const readIn = (tx: Tx): Read => (sql, params) => tx.all(sql, params, { k
 export interface TransactionOptions {
   /** Refuse to start (AbortError) when the caller has gone away. */
   signal?: AbortSignal;
+  /**
+   * groupWrite only: begin after `after` has settled, so that writes a caller
+   * made in sequence (the batches of one stream) apply in that order. On SQLite
+   * the group-commit queue already runs writes in the order they were submitted;
+   * on PostgreSQL, where each write is its own transaction, this waits.
+   */
+  after?: Promise<unknown>;
 }
 
 export interface Database {
@@ -199,7 +206,11 @@ class SqlDatabase implements Database {
   }
 
   groupWrite<T>(work: (tx: Tx) => Promise<T>, opts: TransactionOptions = {}): Promise<T> {
-    if (!this.groups) return this.transaction(work, opts);
+    if (!this.groups) {
+      if (!opts.after) return this.transaction(work, opts);
+      const start = () => this.transaction(work, opts);
+      return opts.after.then(start, start);
+    }
     return this.groups.submit(work, opts.signal);
   }
 

@@ -163,7 +163,12 @@ export function createUnary(deps: AdapterDeps): Unary {
  * work not yet started is not started. One log line per stream, as for a
  * unary call, with how many requests it answered.
  */
-export type BidiHandler<Req, Res> = (request: Req, ctx: CallContext, sequence: number) => Promise<Res>;
+/**
+ * One message of a stream: `sequence` counts from 1; `previous` is the work of
+ * the message before it (settled or not), for handlers whose messages must
+ * take effect in stream order.
+ */
+export type BidiHandler<Req, Res> = (request: Req, ctx: CallContext, sequence: number, previous: Promise<unknown>) => Promise<Res>;
 
 export type Bidi = <Req, Res>(
   name: string,
@@ -256,6 +261,8 @@ export function createBidi(deps: AdapterDeps): Bidi {
         const nextRequest = pull<Req>(call);
         /** Requests in work, oldest first; each is answered as soon as it and those before it are done. */
         const inFlight: Promise<Res>[] = [];
+        /** The work of the last message read (what the next one's handler is given as `previous`). */
+        let lastWork: Promise<unknown> = Promise.resolve();
         let readError: { error: unknown } | null = null;
         let readerDone = false;
         let wakeReader: (() => void) | null = null;
@@ -269,8 +276,10 @@ export function createBidi(deps: AdapterDeps): Bidi {
               if (next === null) break;
               const request = next.value;
               checkRequestStrings(request, opts.ownRules);
-              const work = Promise.resolve().then(() => handle(request, { em: fork(), signal: abort.signal, metadata: call.metadata }, sequence));
+              const previous = lastWork;
+              const work = Promise.resolve().then(() => handle(request, { em: fork(), signal: abort.signal, metadata: call.metadata }, sequence, previous));
               work.catch(() => undefined); // awaited in order by the writer; never left unhandled meanwhile
+              lastWork = work.catch(() => undefined);
               inFlight.push(work);
               wakeWriter?.();
             }

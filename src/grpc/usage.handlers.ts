@@ -29,10 +29,12 @@ export function createUsageHandlers({ unary, bidi, usage, currency }: UsageHandl
 
     streamUsage: bidi<pb.StreamUsageRequest, pb.StreamUsageResponse>(
       'StreamUsage',
-      async (req, ctx, sequence) => ({
+      // Each batch is written after the one before it has been (its results reflect the stream's order: an id sent
+      // in two batches is ACCEPTED in the first), while the next ones are read and validated meanwhile.
+      async (req, ctx, sequence, previous) => ({
         batchId: req.batchId,
         sequence: BigInt(sequence),
-        results: (await usage.recordUsage(ctx, req.events.map(eventOf))).map(usageEventResultToPb),
+        results: (await usage.recordUsage(ctx, req.events.map(eventOf), { after: previous })).map(usageEventResultToPb),
       }),
       { window: STREAM_WINDOW, ownRules: EVENTS },
     ),

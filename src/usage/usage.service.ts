@@ -68,7 +68,8 @@ export type SummaryGroupBy = 'SERVICE' | 'HOUR' | 'DAY';
 
 export interface UsageService {
   /** Records a batch of events: one result per event, in order, all durable when it returns. */
-  recordUsage(ctx: CallContext, events: readonly UsageEventInput[]): Promise<UsageEventResult[]>;
+  /** `after`: write only after it has settled (the previous batch of the same stream: see TransactionOptions.after). */
+  recordUsage(ctx: CallContext, events: readonly UsageEventInput[], opts?: { after?: Promise<unknown> }): Promise<UsageEventResult[]>;
   summary(
     ctx: CallContext,
     query: { userId: number | null; service: string | null; from: Date | undefined; to: Date | undefined; groupBy: SummaryGroupBy },
@@ -153,7 +154,7 @@ export function createUsageService(deps: UsageDeps): UsageService {
   }
 
   /** Records the valid events of a batch in one transaction, filling in their results (all of them, every attempt). */
-  async function recordOnce(ctx: CallContext, valid: ValidEvent[], results: (UsageEventResult | null)[], now: Date): Promise<void> {
+  async function recordOnce(ctx: CallContext, valid: ValidEvent[], results: (UsageEventResult | null)[], now: Date, after?: Promise<unknown>): Promise<void> {
     await db.groupWrite(async (tx) => {
       const eventIds = [...new Set(valid.map((v) => v.id))];
       const stored = await usageLogs.storedEvents(tx, eventIds);
@@ -215,11 +216,11 @@ export function createUsageService(deps: UsageDeps): UsageService {
           ? { status: 'DUPLICATE', usageId: original.id, reason: '', message: '' }
           : { status: 'CONFLICT', usageId: original.id, reason: ID_REUSED, message: 'this id was recorded before with other content (user, service, quantity or time)' };
       }
-    }, ctx);
+    }, { signal: ctx.signal, after });
   }
 
   return {
-    async recordUsage(ctx, events) {
+    async recordUsage(ctx, events, opts = {}) {
       if (events.length > deps.batchMax) {
         throw invalidArgument('events', 'BATCH_TOO_LARGE', `a batch holds at most ${deps.batchMax} events (USAGE_BATCH_MAX), got ${events.length}`);
       }
@@ -237,7 +238,7 @@ export function createUsageService(deps: UsageDeps): UsageService {
       // until that run has sealed or rolled back, then record the batch again.
       for (const giveUpAt = Date.now() + OPEN_RUN_WAIT_MS; ; ) {
         try {
-          await recordOnce(ctx, valid, results, now);
+          await recordOnce(ctx, valid, results, now, opts.after);
           return observe(results as UsageEventResult[]);
         } catch (err) {
           if (!(err instanceof HeldByOpenRun)) throw err;
