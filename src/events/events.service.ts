@@ -34,6 +34,7 @@ import type { Logger } from 'pino';
 import type { Clock } from '../shared/clock';
 import { AppError, invalidArgument } from '../shared/errors';
 import type { Metrics } from '../shared/metrics';
+import { pageSizeOf } from '../shared/paging';
 import type { EventFilter, EventsRepository } from './events.repository';
 import { cursorOf, EVENT_TYPES, type EventType, type StoredEvent } from './events.types';
 
@@ -93,8 +94,8 @@ export interface EventsServiceDeps {
   pruneIntervalMs?: number;
 }
 
+/** ListEvents' page size when none is asked for (at most MAX_PAGE_SIZE, as every list). */
 export const DEFAULT_LIST_PAGE_SIZE = 100;
-export const MAX_LIST_PAGE_SIZE = 500;
 /** Events per history read of a watcher, and per read of the hub. */
 const HISTORY_PAGE = 500;
 const HUB_PAGE = 1000;
@@ -329,10 +330,7 @@ export function createEventsService(deps: EventsServiceDeps): EventsService {
 
     async list(query) {
       const { filter, cursorGiven } = parseQuery(query);
-      if (!Number.isInteger(query.pageSize) || query.pageSize < 0) {
-        throw invalidArgument('page_size', 'INVALID_PAGE_SIZE', 'page_size must not be negative');
-      }
-      const size = query.pageSize === 0 ? DEFAULT_LIST_PAGE_SIZE : Math.min(query.pageSize, MAX_LIST_PAGE_SIZE);
+      const size = pageSizeOf(query.pageSize, DEFAULT_LIST_PAGE_SIZE);
       const page = await events.list(filter, size);
       if (cursorGiven) await checkKept(filter.afterId);
       return { events: page, nextCursor: page.length > 0 ? cursorOf(page[page.length - 1].id) : query.afterCursor };

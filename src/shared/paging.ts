@@ -27,11 +27,16 @@ function fingerprint(filter: unknown): string {
   return createHash('sha256').update(JSON.stringify(filter)).digest('base64url').slice(0, 12);
 }
 
-export function readPage(req: PageRequest, filter: unknown): Page {
-  if (!Number.isInteger(req.pageSize) || req.pageSize < 0) {
+/** A request's page_size: `defaultSize` for 0, at most MAX_PAGE_SIZE; INVALID_ARGUMENT when negative. */
+export function pageSizeOf(requested: number, defaultSize = DEFAULT_PAGE_SIZE): number {
+  if (!Number.isInteger(requested) || requested < 0) {
     throw invalidArgument('page_size', 'INVALID_PAGE_SIZE', 'page_size must not be negative');
   }
-  const size = req.pageSize === 0 ? DEFAULT_PAGE_SIZE : Math.min(req.pageSize, MAX_PAGE_SIZE);
+  return requested === 0 ? defaultSize : Math.min(requested, MAX_PAGE_SIZE);
+}
+
+export function readPage(req: PageRequest, filter: unknown): Page {
+  const size = pageSizeOf(req.pageSize);
   const fp = fingerprint(filter);
   let afterId = 0;
   if (req.pageToken !== '') {

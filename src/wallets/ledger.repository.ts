@@ -95,6 +95,8 @@ type LedgerRow = {
 const LEDGER_COLUMNS =
   'id, user_id, type, cast(amount as text) as amount, cast(balance_after as text) as balance_after, billing_record_id, request_id, created_at';
 
+/** Wallets per balance read. */
+const BALANCE_ROWS = 5000;
 /** Ledger rows per multi-row INSERT (5 parameters each). */
 const LEDGER_ROWS = 1000;
 
@@ -130,6 +132,23 @@ export function createLedgerRepository(db: Database, events: EventsRepository): 
       { keep: true },
     );
     return toTransaction(inserted);
+  }
+
+  /** The balance of each user's open wallet, read in user order with `lock` (a row-lock clause, '' on SQLite). */
+  async function balancesOf(tx: Tx, userIds: readonly number[], lock: string): Promise<Map<number, bigint>> {
+    const balances = new Map<number, bigint>();
+    const sorted = [...new Set(userIds)].sort((a, b) => a - b);
+    for (let i = 0; i < sorted.length; i += BALANCE_ROWS) {
+      const part = sorted.slice(i, i + BALANCE_ROWS);
+      const rows = await tx.all<{ user_id: number | string; balance: string }>(
+        `select user_id, cast(balance as text) as balance from wallets
+         where user_id in (${part.map(() => '?').join(', ')}) and closed_at is null order by user_id${lock}`,
+        part,
+        { keep: part.length === 1 }, // one user (every single charge): one fixed text, kept prepared
+      );
+      for (const r of rows) balances.set(Number(r.user_id), int64(r.balance));
+    }
+    return balances;
   }
 
   return {
@@ -214,22 +233,8 @@ export function createLedgerRepository(db: Database, events: EventsRepository): 
       return true;
     },
 
-    async lockBalances(tx, userIds) {
-      const balances = new Map<number, bigint>();
-      const sorted = [...new Set(userIds)].sort((a, b) => a - b);
-      for (let i = 0; i < sorted.length; i += 5000) {
-        const part = sorted.slice(i, i + 5000);
-        // PostgreSQL: locked in user order, as every batch locks them, so two batches never deadlock.
-        const rows = await tx.all<{ user_id: number | string; balance: string }>(
-          `select user_id, cast(balance as text) as balance from wallets
-           where user_id in (${part.map(() => '?').join(', ')}) and closed_at is null order by user_id${db.forUpdate()}`,
-          part,
-          { keep: part.length === 1 }, // one user (every single charge): one fixed text, kept prepared
-        );
-        for (const r of rows) balances.set(Number(r.user_id), int64(r.balance));
-      }
-      return balances;
-    },
+    // PostgreSQL: locked in user order, as every batch locks them, so two batches never deadlock.
+    lockBalances: (tx, userIds) => balancesOf(tx, userIds, db.forUpdate()),
 
     async closeIfEmpty(tx, userId, now) {
       const changed = await tx.run(
@@ -244,21 +249,7 @@ export function createLedgerRepository(db: Database, events: EventsRepository): 
       return rows.length > 0;
     },
 
-    async shareBalances(tx, userIds) {
-      const balances = new Map<number, bigint>();
-      const sorted = [...new Set(userIds)].sort((a, b) => a - b);
-      for (let i = 0; i < sorted.length; i += 500) {
-        const part = sorted.slice(i, i + 500);
-        const rows = await tx.all<{ user_id: number | string; balance: string }>(
-          `select user_id, cast(balance as text) as balance from wallets
-           where user_id in (${part.map(() => '?').join(', ')}) and closed_at is null order by user_id${db.forShare()}`,
-          part,
-          { keep: part.length === 1 },
-        );
-        for (const r of rows) balances.set(Number(r.user_id), int64(r.balance));
-      }
-      return balances;
-    },
+    shareBalances: (tx, userIds) => balancesOf(tx, userIds, db.forShare()),
 
     async holdOpenMany(tx, userIds) {
       const states = new Map<number, 'open' | 'closed'>();
