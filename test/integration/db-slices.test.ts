@@ -1,0 +1,60 @@
+/**
+ * SQLite write transactions turn the event loop every few milliseconds of
+ * statement work (database.ts, SLICE_MS): better-sqlite3 answers in
+ * microtasks, so without those turns a long transaction ran to its COMMIT with
+ * no call read from the network, no timer and no reader answered meanwhile.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import pino from 'pino';
+import { openDatabase, type Database } from '../../src/db/database';
+import { onPostgres } from '../helpers/database';
+
+const describeSqlite = onPostgres ? describe.skip : describe;
+/** About 10-30 ms of work on the event loop, whatever the machine. */
+const SLOW_READ = 'with recursive c(x) as (select 1 union all select x + 1 from c where x < 200000) select count(*) as n from c';
+
+describeSqlite('SQLite write transactions in slices', () => {
+  let dir: string;
+  let db: Database;
+  beforeEach(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-slices-'));
+    db = await openDatabase({ kind: 'sqlite', path: path.join(dir, 'b.db') }, pino({ level: 'silent' }));
+  });
+  afterEach(async () => {
+    await db.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** Turns of the event loop (setImmediate callbacks) while `work` runs. */
+  async function turnsDuring(work: () => Promise<unknown>): Promise<number> {
+    let turns = 0;
+    let on = true;
+    const tick = () => {
+      if (!on) return;
+      turns++;
+      setImmediate(tick);
+    };
+    setImmediate(tick);
+    await new Promise((r) => setImmediate(r));
+    const before = turns;
+    await work();
+    on = false;
+    return turns - before;
+  }
+
+  it('a transaction of long statements lets the event loop turn between them', async () => {
+    const turns = await turnsDuring(() =>
+      db.transaction(async (tx) => {
+        for (let i = 0; i < 10; i++) await tx.all(SLOW_READ, []);
+      }),
+    );
+    expect(turns).toBeGreaterThanOrEqual(5);
+  });
+
+  it('so does a shared group-commit transaction of many writes', async () => {
+    const turns = await turnsDuring(() => Promise.all(Array.from({ length: 10 }, () => db.groupWrite(async (tx) => tx.all(SLOW_READ, [])))));
+    expect(turns).toBeGreaterThanOrEqual(5);
+  });
+});
