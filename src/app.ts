@@ -8,16 +8,14 @@
 import type { Logger } from 'pino';
 import { createBillingService } from './billing/billing.service';
 import { createCharging } from './billing/charging';
-import { createBillingRecordsRepository } from './billing/records.repository';
-import { checkExposure, type Config } from './config';
+import { checkExposure, ConfigError, type Config } from './config';
 import { openDatabase, type Database } from './db/database';
-import { createEventsRepository } from './events/events.repository';
 import { createEventsService } from './events/events.service';
 import { createIdempotencyKeys } from './db/idempotency';
+import { openDoors } from './doors';
 import { loadTokensFile, tokensFileWarning } from './grpc/auth';
 import { createGrpcServer, serverCredentials, type GrpcServer, type Services } from './grpc/server';
 import { createCron, type Cron } from './jobs/cron';
-import { createJobRunsRepository } from './jobs/job-runs.repository';
 import { createJobsService } from './jobs/jobs.service';
 import { createRetryScheduler, type RetryScheduler } from './jobs/retry-scheduler';
 import { createPrometheusMetrics } from './ops/metrics';
@@ -26,13 +24,9 @@ import { systemClock, type Clock } from './shared/clock';
 import { createLogger } from './shared/logger';
 import { noMetrics } from './shared/metrics';
 import { createIngestService } from './usage/ingest';
-import { createUsageLogsRepository } from './usage/usage-logs.repository';
 import { createUsageService } from './usage/usage.service';
-import { createUsersRepository } from './users/users.repository';
+import { startUsageWriter, usageWriterScript, type UsageWriter } from './usage/usage-writer';
 import { createUsersService } from './users/users.service';
-import { createBalanceAlerts } from './wallets/balance-alerts';
-import { createBalanceAlertsRepository } from './wallets/balance-alerts.repository';
-import { createLedgerRepository } from './wallets/ledger.repository';
 import { createWalletsService } from './wallets/wallets.service';
 
 export interface App {
@@ -61,6 +55,18 @@ export interface AppOptions {
   schedulerPollMs?: number;
   /** A RUNNING job run's lease (default 60 s; see JobsDeps.leaseMs). */
   jobLeaseMs?: number;
+  /** The usage writer thread's compiled script (default: the one beside the compiled service; tests running the sources give dist's). */
+  usageWriterScript?: string;
+}
+
+/** The usage writer thread's shared lock-waiter counter, for the database objects of both threads. */
+const newLockWaiters = () => new Int32Array(new SharedArrayBuffer(4));
+
+/** Whether batches of usage are written on the usage writer thread (see usage/usage-writer.ts). */
+function writesUsageOnThread(config: Readonly<Config>, opts: AppOptions): boolean {
+  const db = config.database;
+  // The thread keeps the system clock: a test's own clock stays with the event loop's writes.
+  return config.usageWriter === 'thread' && db.kind === 'sqlite' && db.path !== ':memory:' && db.path !== '' && opts.clock === undefined;
 }
 
 export async function startApp(config: Readonly<Config>, opts: AppOptions = {}): Promise<App> {
@@ -72,30 +78,19 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
   const tokens = config.authTokensFile ? loadTokensFile(config.authTokensFile) : null;
   const tokensFileMode = config.authTokensFile ? tokensFileWarning(config.authTokensFile) : null;
   const credentials = serverCredentials(config.tls);
-  const db = await openDatabase(config.database, log);
+  const onThread = writesUsageOnThread(config, opts);
+  const script = onThread ? (opts.usageWriterScript ?? usageWriterScript()) : null;
+  if (onThread && script === null) {
+    throw new ConfigError('USAGE_WRITER=thread needs the compiled service (npm run build) for its worker script; or set USAGE_WRITER=inline');
+  }
+  const lockWaiters = onThread ? newLockWaiters() : undefined;
+  const db = await openDatabase(config.database, log, { lockWaiters });
   let metricsServer: MetricsServer | null = null;
+  let usageWriter: UsageWriter | null = null;
   try {
     // The doors: every table has one owner, and every write goes through its named methods.
     const idempotency = createIdempotencyKeys();
-    // The outbox: each owner below appends the events of its changes in the changes' own transactions.
-    const events = createEventsRepository(db);
-    const userRows = createUsersRepository(db, events);
-    const ledger = createLedgerRepository(db, events);
-    const records = createBillingRecordsRepository(db, events);
-    const usageLogs = createUsageLogsRepository(db);
-    const jobRuns = createJobRunsRepository(db, events);
-    const alertRows = createBalanceAlertsRepository(db);
-    const alerts = createBalanceAlerts({
-      db,
-      clock,
-      alerts: alertRows,
-      ledger,
-      usageLogs,
-      records,
-      events,
-      pricing: config.pricing,
-      defaultThreshold: config.lowBalanceThreshold,
-    });
+    const { events, userRows, ledger, records, usageLogs, jobRuns, alertRows, alerts } = openDoors(db, clock, config);
     // One registry per app, built only when metrics are on; otherwise every report goes nowhere.
     const prometheus = config.metrics ? createPrometheusMetrics({ log, countPendingRetries: () => records.countPendingRetries() }) : null;
     const metrics = prometheus ?? noMetrics;
@@ -143,7 +138,23 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       alerts,
       metrics,
     });
+    // After the migrations (the thread opens the same file without migrating).
+    usageWriter = script
+      ? await startUsageWriter(
+          script,
+          {
+            database: config.database,
+            logLevel: config.logLevel,
+            pricing: config.pricing,
+            lowBalanceThreshold: config.lowBalanceThreshold,
+            maxFutureSkewMs: config.maxFutureSkewMs,
+            lockWaiters: lockWaiters!,
+          },
+          log,
+        )
+      : null;
     const usage = createUsageService({
+      recorder: usageWriter ?? undefined,
       db,
       clock,
       pricing: config.pricing,
@@ -209,6 +220,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
         grpc.setServing(false);
         cron?.stop();
         await grpc.shutdown(config.shutdownGraceMs);
+        await usageWriter?.close();
         await eventStream.stop();
         await scheduler!.stop();
         await cron?.idle();
@@ -221,6 +233,7 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
     return { config, log, db, services, grpc, scheduler, cron, port, metricsPort, stop };
   } catch (err) {
     await metricsServer?.close();
+    await usageWriter?.close().catch(() => undefined);
     await db.close(true).catch(() => undefined);
     throw err;
   }

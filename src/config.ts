@@ -24,6 +24,12 @@ export interface Config {
   /** Most events in one RecordUsage / StreamUsage batch. */
   usageBatchMax: number;
   /**
+   * USAGE_WRITER: `thread` (default) writes RecordUsage / StreamUsage batches on a worker thread with a SQLite
+   * connection of its own (usage/usage-writer.ts); `inline` on the event loop. PostgreSQL and in-memory SQLite
+   * are always inline.
+   */
+  usageWriter: 'thread' | 'inline';
+  /**
    * LOW_BALANCE_THRESHOLD: the deployment's low-balance threshold in micros (0: no balance.low events, while
    * balance.depleted and balance.recovered still are); a user's own threshold (SetBalanceAlert) replaces it.
    */
@@ -184,6 +190,12 @@ export function parsePricing(text: string, name = 'PRICING'): Map<string, bigint
 function filePath(env: Env, name: string): string | null {
   const raw = env[name]?.trim();
   return raw ? raw : null;
+}
+
+function usageWriter(env: Env): Config['usageWriter'] {
+  const raw = env.USAGE_WRITER?.trim().toLowerCase() || 'thread';
+  if (raw !== 'thread' && raw !== 'inline') throw new ConfigError(`USAGE_WRITER must be thread or inline, got ${JSON.stringify(env.USAGE_WRITER)}`);
+  return raw;
 }
 
 function bool(env: Env, name: string, def: boolean): boolean {
@@ -366,6 +378,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     logFilePath: env.LOG_FILE_PATH?.trim() || './data/usage-logs.json',
     usageReadTimeoutMs: int(env, 'USAGE_READ_TIMEOUT_MS', 30_000, 100, 3_600_000),
     usageBatchMax: int(env, 'USAGE_BATCH_MAX', 1000, 1, 10_000),
+    usageWriter: usageWriter(env),
     lowBalanceThreshold: money(env, 'LOW_BALANCE_THRESHOLD', '0'),
     pricing: env.PRICING ? parsePricing(env.PRICING) : parsePricing(JSON.stringify(DEFAULT_PRICING)),
     retryBaseDelayMs: int(env, 'RETRY_BASE_DELAY_MS', 1000, 1, 86_400_000),

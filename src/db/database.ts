@@ -151,6 +151,12 @@ export interface OpenDatabaseOptions {
    * then a missing PostgreSQL database is not created either.
    */
   migrate?: boolean;
+  /**
+   * SQLite: a counter in shared memory that every thread opening the same file
+   * gets (Int32Array over a SharedArrayBuffer): how many writer connections wait
+   * for the write lock, so that a long chunked write (ingestion) lets them in.
+   */
+  lockWaiters?: Int32Array;
 }
 
 /** pg_advisory_lock keys of `exclusive` work. */

@@ -25,7 +25,7 @@ export interface Engine {
   snapshot<T>(work: (read: <R>(sql: string, params: unknown[]) => Promise<R[]>) => Promise<T>): Promise<T>;
   /** Runs `fn` holding a PostgreSQL session advisory lock (on SQLite, one process owns the file: just runs it). */
   withSessionLock<T>(key: number, fn: () => Promise<T>): Promise<T>;
-  /** True when work waits for the (SQLite) writer connection. */
+  /** True when work waits for the (SQLite) writer connection, or a writer of another thread for the lock. */
   writersWaiting(): boolean;
   close(force?: boolean): Promise<void>;
 }
@@ -39,6 +39,8 @@ export interface Engine {
  */
 const SQLITE_LOCK_WAIT_MS = 5000;
 const SQLITE_BUSY_STALL_MS = 20;
+/** The longest sleep between two tries of BEGIN IMMEDIATE (the usage writer thread's transactions last a few ms). */
+const SQLITE_LOCK_POLL_MAX_MS = 4;
 
 /** Applied to every SQLite connection (exported so the benchmark's raw-driver floors use the same settings). */
 export const SQLITE_PRAGMAS = [
@@ -121,23 +123,39 @@ const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve,
  * on (BEGIN IMMEDIATE), so no later statement of it can meet SQLITE_BUSY.
  * While another process holds the lock, it tries again with short sleeps, the
  * event loop free, for up to SQLITE_LOCK_WAIT_MS; then SQLITE_BUSY goes up
- * (UNAVAILABLE to a caller). Writers of this process never wait here: they
- * share the one writer connection, one transaction at a time.
+ * (UNAVAILABLE to a caller). The writers of one database object never wait
+ * here for each other: they share its one writer connection, one transaction
+ * at a time; they wait for another process, or for the usage writer thread's
+ * connection. `waiters`, shared between the threads of this process, counts
+ * the connections waiting here (see Engine.writersWaiting).
  */
-async function beginImmediate(conn: SqliteConnection): Promise<void> {
+async function beginImmediate(conn: SqliteConnection, waiters: Int32Array | undefined): Promise<void> {
   const give = Date.now() + SQLITE_LOCK_WAIT_MS;
-  for (let pause = 1; ; pause = Math.min(pause * 2, 50)) {
-    try {
-      conn.prepare('begin immediate').run();
-      return;
-    } catch (err) {
-      if ((err as { code?: string }).code !== 'SQLITE_BUSY' || Date.now() >= give) throw err;
-      await sleep(pause);
+  let waiting = false;
+  try {
+    for (let pause = 1; ; pause = Math.min(pause * 2, SQLITE_LOCK_POLL_MAX_MS)) {
+      try {
+        conn.prepare('begin immediate').run();
+        return;
+      } catch (err) {
+        if ((err as { code?: string }).code !== 'SQLITE_BUSY' || Date.now() >= give) throw err;
+        if (waiters && !waiting) Atomics.add(waiters, 0, 1);
+        waiting = true;
+        await sleep(pause);
+      }
     }
+  } finally {
+    if (waiters && waiting) Atomics.sub(waiters, 0, 1);
   }
 }
 
-export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrate?: boolean }): Promise<Engine> {
+export interface EngineOptions {
+  migrate?: boolean;
+  /** SQLite: one counter, shared by the threads that open this file, of writer connections waiting for the lock. */
+  lockWaiters?: Int32Array;
+}
+
+export async function openEngine(db: DatabaseConfig, log: Logger, opts: EngineOptions): Promise<Engine> {
   // knex logs its own warnings (a dropped pooled connection, say) with console.log; route them to pino.
   const knexLog = {
     warn: (message: unknown) => log.warn({ component: 'knex' }, String(message)),
@@ -263,7 +281,7 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrat
   const makeTransaction = knexClient.transaction.bind(knexClient);
   knexClient.transaction = (...args: unknown[]) => {
     const trx = makeTransaction(...args);
-    trx.begin = (conn: unknown) => beginImmediate(conn as SqliteConnection);
+    trx.begin = (conn: unknown) => beginImmediate(conn as SqliteConnection, opts.lockWaiters);
     return trx;
   };
 
@@ -333,7 +351,7 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: { migrat
       return result;
     },
     withSessionLock: (_key, fn) => fn(),
-    writersWaiting: () => (knexClient.pool?.numPendingAcquires() ?? 0) > 0,
+    writersWaiting: () => (knexClient.pool?.numPendingAcquires() ?? 0) > 0 || (opts.lockWaiters !== undefined && Atomics.load(opts.lockWaiters, 0) > 0),
     async close(force) {
       for (const reader of readers) reader.close();
       snapshotReader?.close();

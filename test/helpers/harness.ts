@@ -19,6 +19,9 @@ import * as usagePb from '../../generated/billing/v1/usage_service';
 import * as userPb from '../../generated/billing/v1/user_service';
 import * as walletPb from '../../generated/billing/v1/wallet_service';
 
+/** The usage writer thread's compiled script (`npm test` builds dist/ before the tests). */
+export const DIST_USAGE_WRITER = path.resolve(__dirname, '../../dist/src/usage/usage-writer.worker.js');
+
 /** How the harness's clients connect. */
 export interface ClientSetup {
   /** Sent as `authorization: Bearer <token>` on every call whose metadata does not carry its own. */
@@ -92,9 +95,12 @@ export async function startTestApp(
       LOG_LEVEL: 'silent',
       INGEST_CRON: 'off',
       LOG_FILE_PATH: path.join(dir, 'usage-logs.json'),
+      // The usage writer thread runs compiled code: the "sqlite-thread" project (TEST_USAGE_WRITER) or a test's own
+      // USAGE_WRITER=thread asks for it, and gets dist's script.
+      USAGE_WRITER: process.env.TEST_USAGE_WRITER ?? 'inline',
       ...env,
     });
-    app = await startApp(config, opts);
+    app = await startApp(config, config.usageWriter === 'thread' ? { usageWriterScript: DIST_USAGE_WRITER, ...opts } : opts);
   } catch (err) {
     await db?.drop();
     fs.rmSync(dir, { recursive: true, force: true });
