@@ -18,10 +18,14 @@ module.exports = {
     { ...base, displayName: 'unit', testMatch: ['<rootDir>/test/unit/**/*.test.ts'] },
     { ...base, displayName: 'sqlite', testMatch: ['<rootDir>/test/integration/**/*.test.ts'] },
     {
-      // The usage suites again, with batches written by the usage writer thread (the service's default on SQLite).
+      // The usage suites again, with usage (batches and ingestion runs) written by the usage writer thread, the
+      // service's default on SQLite.
       ...base,
       displayName: 'sqlite-thread',
-      testMatch: ['<rootDir>/test/integration/usage-*.test.ts', '<rootDir>/test/integration/balance-alerts.test.ts'],
+      testMatch: [
+        '<rootDir>/test/integration/usage-*.test.ts',
+        '<rootDir>/test/integration/{balance-alerts,ingestion,ingestion-chunks,jobs,concurrency,events-emit,hostile}.test.ts',
+      ],
       testPathIgnorePatterns: [...base.testPathIgnorePatterns, '/usage-crash\\.test\\.ts$'],
       setupFiles: ['<rootDir>/test/helpers/use-usage-thread.ts'],
     },

@@ -123,6 +123,23 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       settle: (userId) => billing.settleUser(userId),
       onSettleFailed: () => scheduler?.requestSweep(),
     });
+    // After the migrations (the thread opens the same file without migrating).
+    usageWriter = script
+      ? await startUsageWriter(
+          script,
+          {
+            database: config.database,
+            logLevel: config.logLevel,
+            pricing: config.pricing,
+            lowBalanceThreshold: config.lowBalanceThreshold,
+            maxFutureSkewMs: config.maxFutureSkewMs,
+            logFilePath: config.logFilePath,
+            readTimeoutMs: config.usageReadTimeoutMs,
+            lockWaiters: lockWaiters!,
+          },
+          log,
+        )
+      : null;
     const ingest = createIngestService({
       db,
       clock,
@@ -137,22 +154,8 @@ export async function startApp(config: Readonly<Config>, opts: AppOptions = {}):
       billing,
       alerts,
       metrics,
+      runner: usageWriter ?? undefined,
     });
-    // After the migrations (the thread opens the same file without migrating).
-    usageWriter = script
-      ? await startUsageWriter(
-          script,
-          {
-            database: config.database,
-            logLevel: config.logLevel,
-            pricing: config.pricing,
-            lowBalanceThreshold: config.lowBalanceThreshold,
-            maxFutureSkewMs: config.maxFutureSkewMs,
-            lockWaiters: lockWaiters!,
-          },
-          log,
-        )
-      : null;
     const usage = createUsageService({
       recorder: usageWriter ?? undefined,
       db,

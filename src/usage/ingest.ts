@@ -28,7 +28,7 @@ import type { BillingService } from '../billing/billing.service';
 import type { BillingRecordsRepository, UsageRecordDraft } from '../billing/records.repository';
 import type { Database, Tx } from '../db/database';
 import type { Clock } from '../shared/clock';
-import { noMetrics, type Metrics } from '../shared/metrics';
+import { noMetrics, type Metrics, type UsageEntryCounts } from '../shared/metrics';
 import { formatDecimal, INT64_MAX, lineAmount, QUANTITY_SCALE } from '../shared/money';
 import type { BalanceAlerts } from '../wallets/balance-alerts';
 import type { LedgerRepository } from '../wallets/ledger.repository';
@@ -59,7 +59,8 @@ export interface IngestService {
   ingest(jobRunId: number): Promise<IngestCounts>;
 }
 
-export interface IngestDeps {
+/** What the stage of a run (reading the file, storing, sealing) works with: the database side of a run. */
+export interface IngestRunDeps {
   db: Database;
   clock: Clock;
   log: Logger;
@@ -71,11 +72,28 @@ export interface IngestDeps {
   usageLogs: UsageLogsRepository;
   records: BillingRecordsRepository;
   ledger: LedgerRepository;
-  billing: Pick<BillingService, 'chargeNewRecords'>;
   /** A sealed run lowers its users' available balances: evaluated in the sealing transaction. */
   alerts: Pick<BalanceAlerts, 'evaluate'>;
+}
+
+/** A sealed run: its counts (no charges yet), the records it made, and its new entries by what they became. */
+export interface StagedRun {
+  counts: IngestCounts;
+  recordIds: number[];
+  stored: UsageEntryCounts;
+}
+
+/** Reads the file, stores its entries and seals the run (its records made, not charged). */
+export interface IngestRunner {
+  stage(jobRunId: number): Promise<StagedRun>;
+}
+
+export interface IngestDeps extends IngestRunDeps {
+  billing: Pick<BillingService, 'chargeNewRecords'>;
   /** Told of each sealed run's new entries (default: nobody). */
   metrics?: Metrics;
+  /** Where runs are staged (the usage writer thread); default: on this event loop, with the deps above. */
+  runner?: IngestRunner;
 }
 
 /** The file cannot be used: nothing of it was billed. */
@@ -177,9 +195,26 @@ function conflicting(
   return a.userId !== b.userId || a.service !== b.service || a.quantityScaled !== b.quantityScaled || a.usageAt !== b.usageAt;
 }
 
+/**
+ * Ingestion: the run staged (on this event loop, or by the usage writer
+ * thread), then its new entries counted and its records charged here.
+ */
 export function createIngestService(deps: IngestDeps): IngestService {
-  const { db, clock, log, pricing, usageLogs, records, ledger } = deps;
   const metrics = deps.metrics ?? noMetrics;
+  const runner = deps.runner ?? createIngestRunner(deps);
+  return {
+    async ingest(jobRunId) {
+      const { counts, recordIds, stored } = await runner.stage(jobRunId);
+      // The run has sealed (committed): its new entries are counted once, by what they were stored as.
+      metrics.usageEntriesStored(stored, 'file');
+      const charged = await deps.billing.chargeNewRecords(recordIds);
+      return { ...counts, ...charged };
+    },
+  };
+}
+
+export function createIngestRunner(deps: IngestRunDeps): IngestRunner {
+  const { db, clock, log, pricing, usageLogs, records, ledger } = deps;
   const pricedServices = [...pricing.keys()];
 
   /**
@@ -482,7 +517,7 @@ export function createIngestService(deps: IngestDeps): IngestService {
   }
 
   return {
-    async ingest(jobRunId) {
+    async stage(jobRunId) {
       const counts: IngestCounts = {
         entriesRead: 0,
         entriesAccepted: 0,
@@ -560,23 +595,17 @@ export function createIngestService(deps: IngestDeps): IngestService {
           'usage entries reuse ids recorded before with other content (user, service, quantity or time): the first stand, these were not billed',
         );
       }
-      // The run has sealed (committed): its new entries are counted once, by what they were stored as.
-      metrics.usageEntriesStored(
-        {
-          billed: sealed.billed,
-          accepted: 0,
-          pending: sealed.accepted - sealed.billed,
-          rejected: sealed.rejected,
-          duplicate: counts.entriesDuplicate,
-          conflict: sealed.conflicts,
-        },
-        'file',
-      );
       const recordIds = sealed.ids;
       counts.billingRecordsCreated = recordIds.length;
-      const charged = await deps.billing.chargeNewRecords(recordIds);
-      Object.assign(counts, charged);
-      return counts;
+      const stored: UsageEntryCounts = {
+        billed: sealed.billed,
+        accepted: 0,
+        pending: sealed.accepted - sealed.billed,
+        rejected: sealed.rejected,
+        duplicate: counts.entriesDuplicate,
+        conflict: sealed.conflicts,
+      };
+      return { counts, recordIds, stored };
     },
   };
 }

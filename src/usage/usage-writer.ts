@@ -3,9 +3,12 @@
  * every COMMIT on the thread that calls it, and a batch of 1,000 events is
  * tens of milliseconds of inserts, index updates and an fsync: on the event
  * loop, that is time no other call is answered (GetBalance waited 100-320 ms
- * beside four streams of usage). So RecordUsage and StreamUsage batches are
- * written by a worker thread with a connection of its own to the same file:
- * the event loop decodes and answers calls, the other core writes usage.
+ * beside four streams of usage). So the writes of usage are done by a worker
+ * thread with a connection of its own to the same file: RecordUsage and
+ * StreamUsage batches, and the stage of an ingestion run (reading and parsing
+ * the file, storing its entries in chunks, sealing the run with its records).
+ * The event loop decodes and answers calls and charges a sealed run's records;
+ * the other core writes usage.
  *
  * Guarantees are those of the file: SQLite's write lock orders the thread's
  * transactions with the event loop's (each begins with BEGIN IMMEDIATE and
@@ -22,6 +25,7 @@ import type { Logger } from 'pino';
 import type { DatabaseConfig } from '../config';
 import { AppError, type ErrorKind } from '../shared/errors';
 import type { UsageEventInput, UsageEventResult } from './usage.service';
+import { UsageFileUnusable, type IngestRunner, type StagedRun } from './ingest';
 import type { UsageRecorder } from './usage-recorder';
 
 /** What the thread is started with. */
@@ -31,11 +35,14 @@ export interface WriterData {
   pricing: ReadonlyMap<string, bigint>;
   lowBalanceThreshold: bigint;
   maxFutureSkewMs: number;
+  logFilePath: string;
+  readTimeoutMs: number;
   lockWaiters: Int32Array;
 }
 
 export type ToWriter =
   | { type: 'record'; id: number; events: readonly UsageEventInput[] }
+  | { type: 'stage'; id: number; jobRunId: number }
   | { type: 'abort'; id: number }
   | { type: 'close' };
 
@@ -45,11 +52,11 @@ type WireError = { kind: ErrorKind; reason: string; message: string; field?: str
 export type FromWriter =
   | { type: 'ready' }
   | { type: 'failed'; message: string }
-  | { type: 'done'; id: number; results: UsageEventResult[] }
+  | { type: 'done'; id: number; value: unknown }
   | { type: 'error'; id: number; error: WireError }
   | { type: 'closed' };
 
-export interface UsageWriter extends UsageRecorder {
+export interface UsageWriter extends UsageRecorder, IngestRunner {
   /** Answers the batches it took, then stops the thread and closes its connection. */
   close(): Promise<void>;
 }
@@ -61,12 +68,13 @@ export function usageWriterScript(): string | null {
 }
 
 interface Pending {
-  resolve(results: UsageEventResult[]): void;
+  resolve(value: unknown): void;
   reject(err: unknown): void;
 }
 
 const revive = (e: WireError): Error => {
   if ('kind' in e) return new AppError(e.kind, e.reason, e.message, e.field);
+  if (e.name === 'UsageFileUnusable') return new UsageFileUnusable(e.message);
   // A transient database error (the lock held past SQLITE_LOCK_WAIT_MS, say) stays one: UNAVAILABLE to the caller.
   const err = Object.assign(new Error(e.message), e.transient ? { code: 'SQLITE_BUSY' } : {});
   err.name = e.name;
@@ -102,7 +110,7 @@ export async function startUsageWriter(script: string, data: WriterData, log: Lo
         } else if (m.type === 'done' || m.type === 'error') {
           const p = pending.get(m.id);
           pending.delete(m.id);
-          if (m.type === 'done') p?.resolve(m.results);
+          if (m.type === 'done') p?.resolve(m.value);
           else p?.reject(revive(m.error));
         }
       });
@@ -123,22 +131,34 @@ export async function startUsageWriter(script: string, data: WriterData, log: Lo
   }));
   await worker();
 
+  /** Sends one call to the thread; `signal` (a caller that went away) is passed on as an abort. */
+  async function send<T>(message: ToWriter & { id: number }, signal?: AbortSignal): Promise<T> {
+    const w = await worker();
+    return new Promise<T>((resolve, reject) => {
+      const onAbort = () => w.postMessage({ type: 'abort', id: message.id } satisfies ToWriter);
+      signal?.addEventListener('abort', onAbort, { once: true });
+      const settle = () => signal?.removeEventListener('abort', onAbort);
+      pending.set(message.id, {
+        resolve: (v) => (settle(), resolve(v as T)),
+        reject: (e) => (settle(), reject(e)),
+      });
+      w.postMessage(message);
+    });
+  }
+
+  const refuseWhenClosed = () => {
+    if (closed) throw new AppError('UNAVAILABLE', 'SHUTTING_DOWN', 'the service is shutting down');
+  };
+
   return {
     async record(signal, events) {
-      if (closed) throw new AppError('UNAVAILABLE', 'SHUTTING_DOWN', 'the service is shutting down');
+      refuseWhenClosed();
       signal.throwIfAborted();
-      const w = await worker();
-      const id = next++;
-      return new Promise<UsageEventResult[]>((resolve, reject) => {
-        const onAbort = () => w.postMessage({ type: 'abort', id } satisfies ToWriter);
-        signal.addEventListener('abort', onAbort, { once: true });
-        const settle = () => signal.removeEventListener('abort', onAbort);
-        pending.set(id, {
-          resolve: (r) => (settle(), resolve(r)),
-          reject: (e) => (settle(), reject(e)),
-        });
-        w.postMessage({ type: 'record', id, events } satisfies ToWriter);
-      });
+      return send<UsageEventResult[]>({ type: 'record', id: next++, events }, signal);
+    },
+    async stage(jobRunId) {
+      refuseWhenClosed();
+      return send<StagedRun>({ type: 'stage', id: next++, jobRunId });
     },
     async close() {
       closed = true;

@@ -1,8 +1,9 @@
 /**
  * The usage writer thread (see ./usage-writer.ts): its own database object on
- * the same SQLite file, the doors built as the app builds them, and the usage
- * recorder. It answers `record` messages with each batch's results once they
- * are committed, and `close` once every batch it took has been answered.
+ * the same SQLite file, the doors built as the app builds them, the usage
+ * recorder and the ingestion runner. It answers `record` with a batch's
+ * results once they are committed, `stage` with a sealed run, and `close` once
+ * every call it took has been answered.
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { openDatabase } from '../db/database';
@@ -11,6 +12,7 @@ import { openDoors } from '../doors';
 import { AppError } from '../shared/errors';
 import { systemClock } from '../shared/clock';
 import { createLogger } from '../shared/logger';
+import { createIngestRunner } from './ingest';
 import { createUsageRecorder } from './usage-recorder';
 import type { FromWriter, ToWriter, WriterData } from './usage-writer';
 
@@ -27,8 +29,10 @@ async function main(): Promise<void> {
     post({ type: 'failed', message: (err as Error).message });
     return;
   }
-  const { usageLogs, ledger, alerts } = openDoors(db, systemClock, data);
-  const recorder = createUsageRecorder({ db, clock: systemClock, pricing: data.pricing, maxFutureSkewMs: data.maxFutureSkewMs, usageLogs, ledger, alerts });
+  const { usageLogs, ledger, records, alerts } = openDoors(db, systemClock, data);
+  const common = { db, clock: systemClock, pricing: data.pricing, maxFutureSkewMs: data.maxFutureSkewMs, usageLogs, ledger, alerts };
+  const recorder = createUsageRecorder(common);
+  const runner = createIngestRunner({ ...common, log, logFilePath: data.logFilePath, readTimeoutMs: data.readTimeoutMs, records });
   const calls = new Map<number, AbortController>();
   let closing = false;
   const closeIfDone = async () => {
@@ -47,13 +51,15 @@ async function main(): Promise<void> {
     const abort = new AbortController();
     calls.set(message.id, abort);
     // Started at once, in the order the messages came: the group-commit queue keeps that order (a stream's batches).
-    recorder.record(abort.signal, message.events).then(
-      (results) => post({ type: 'done', id: message.id, results }),
+    const work: Promise<unknown> = message.type === 'record' ? recorder.record(abort.signal, message.events) : runner.stage(message.jobRunId);
+    work.then(
+      (value) => post({ type: 'done', id: message.id, value }),
       (err: unknown) => {
         if (err instanceof AppError) post({ type: 'error', id: message.id, error: { kind: err.kind, reason: err.reason, message: err.message, field: err.field } });
         else {
           const transient = isTransientDbError(err);
-          if ((err as Error)?.name !== 'AbortError' && !transient) log.error({ err }, 'recording a usage batch failed');
+          const expected = (err as Error)?.name === 'AbortError' || (err as Error)?.name === 'UsageFileUnusable' || transient;
+          if (!expected) log.error({ err, call: message.type }, 'a call of the usage writer failed');
           post({ type: 'error', id: message.id, error: { name: (err as Error)?.name ?? 'Error', message: String((err as Error)?.message ?? err), transient } });
         }
       },
