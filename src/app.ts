@@ -8,7 +8,7 @@
 import type { Logger } from 'pino';
 import { createBillingService } from './billing/billing.service';
 import { createCharging } from './billing/charging';
-import { checkExposure, ConfigError, type Config } from './config';
+import { checkExposure, ConfigError, sqliteInMemory, type Config } from './config';
 import { openDatabase, type Database } from './db/database';
 import { createEventsService } from './events/events.service';
 import { createIdempotencyKeys } from './db/idempotency';
@@ -66,7 +66,7 @@ const newLockWaiters = () => new Int32Array(new SharedArrayBuffer(4));
 function writesUsageOnThread(config: Readonly<Config>, opts: AppOptions): boolean {
   const db = config.database;
   // The thread keeps the system clock: a test's own clock stays with the event loop's writes.
-  return config.usageWriter === 'thread' && db.kind === 'sqlite' && db.path !== ':memory:' && db.path !== '' && opts.clock === undefined;
+  return config.usageWriter === 'thread' && db.kind === 'sqlite' && !sqliteInMemory(db.path) && opts.clock === undefined;
 }
 
 export async function startApp(config: Readonly<Config>, opts: AppOptions = {}): Promise<App> {

@@ -10,6 +10,9 @@ export type DatabaseConfig =
   | { kind: 'sqlite'; path: string }
   | { kind: 'postgresql'; url: string };
 
+/** An in-memory SQLite database (one connection, gone with it) rather than a file. */
+export const sqliteInMemory = (path: string): boolean => path === ':memory:' || path === '';
+
 export interface Config {
   grpcHost: string;
   grpcPort: number;

@@ -208,7 +208,7 @@ class SqlDatabase implements Database {
   async transaction<T>(work: (tx: Tx) => Promise<T>, opts: TransactionOptions = {}): Promise<T> {
     opts.signal?.throwIfAborted();
     const result = await this.em.fork().transactional(async (em) => {
-      const tx = txOf(em, await this.engine.statementsOf(em), this.dialect === 'sqlite' ? slicer() : null);
+      const tx = txOf(em, await this.engine.statementsOf(em), this.dialect === 'sqlite' ? slicer() : noSlices);
       const hooks: (() => Promise<void>)[] = [];
       this.beforeCommit.set(tx, hooks);
       const value = await work(tx);
@@ -315,6 +315,9 @@ class SqlDatabase implements Database {
   }
 }
 
+/** PostgreSQL's statements wait for the network: the event loop turns meanwhile. */
+const noSlices = async (): Promise<void> => undefined;
+
 /** After a statement: a turn of the event loop once SLICE_MS of work have run since the last one. */
 function slicer(): () => Promise<void> {
   let since = performance.now();
@@ -325,14 +328,7 @@ function slicer(): () => Promise<void> {
   };
 }
 
-function txOf(em: EntityManager, statements: Statements, slice: (() => Promise<void>) | null): Tx {
-  if (!slice) {
-    return {
-      em,
-      run: (sql, params, opts) => statements.run(sql, params, opts?.keep ?? false),
-      all: <T>(sql: string, params: unknown[], opts?: StatementOptions) => statements.all<T>(sql, params, opts?.keep ?? false),
-    };
-  }
+function txOf(em: EntityManager, statements: Statements, slice: () => Promise<void>): Tx {
   return {
     em,
     async run(sql, params, opts) {

@@ -8,7 +8,7 @@ import type { EntityManager } from '@mikro-orm/knex';
 import { Migrator } from '@mikro-orm/migrations';
 import { Client as PgClient, types as pgTypes } from 'pg';
 import type { Logger } from 'pino';
-import type { DatabaseConfig } from '../config';
+import { sqliteInMemory, type DatabaseConfig } from '../config';
 import { entities } from './entities';
 import { migrationsList } from './migrations';
 import { pgStatements, sqliteStatements, type PgConnection, type SqliteConnection, type SqliteStatement, type Statements } from './statements';
@@ -293,7 +293,7 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: EngineOp
     return map;
   };
   const file = db.path;
-  const inMemory = file === ':memory:' || file === '';
+  const inMemory = sqliteInMemory(file);
   const openReader = (): SqliteRaw => {
     const conn = new knexClient.driver(file, { readonly: true, fileMustExist: true });
     conn.exec(SQLITE_READER_PRAGMAS);

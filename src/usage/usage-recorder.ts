@@ -16,7 +16,7 @@ import type { UsageEventInput, UsageEventResult } from './usage.service';
 import type { UsageLogsRepository, UsageRowDraft } from './usage-logs.repository';
 
 /** CONFLICT's reason: the id was recorded before with other content. */
-export const ID_REUSED = 'EVENT_ID_REUSED';
+const ID_REUSED = 'EVENT_ID_REUSED';
 
 /** How long a batch waits for an ingestion run that holds some of its ids unsealed, at most. */
 const OPEN_RUN_WAIT_MS = 120_000;
@@ -65,6 +65,7 @@ const rejected = (reason: RejectReason | 'MISSING_ID', message: string): UsageEv
 /** The same usage: same user, service, exact quantity and instant. */
 const sameContent = (a: { userId: number | null; service: string; quantity: bigint; usageAt: number | null }, b: ValidEvent) =>
   a.userId === b.userId && a.service === b.service && a.quantity === b.quantity && a.usageAt === b.usageAt;
+
 export function createUsageRecorder(deps: UsageRecorderDeps): UsageRecorder {
   const { db, clock, pricing, usageLogs, ledger, alerts } = deps;
 
@@ -148,6 +149,7 @@ export function createUsageRecorder(deps: UsageRecorderDeps): UsageRecorder {
       }
     }, { signal, after });
   }
+
   return {
     async record(signal, events, after) {
       const now = clock.now();

@@ -151,6 +151,8 @@ export async function startUsageWriter(script: string, data: WriterData, log: Lo
   };
 
   return {
+    // No `after`: the thread takes messages in the order they were sent and submits each batch to its group-commit
+    // queue at once, so the batches of one stream are written in stream order anyway.
     async record(signal, events) {
       refuseWhenClosed();
       signal.throwIfAborted();

@@ -5,8 +5,6 @@
  * on the event loop's connection lets the thread's writes in between its
  * chunks instead of holding the write lock until it ends.
  */
-import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { onPostgres } from '../helpers/database';
 import { call, money, startTestApp, type TestApp } from '../helpers/harness';
@@ -42,11 +40,9 @@ describeSqlite('the usage writer thread (USAGE_WRITER=thread)', () => {
     expect(again[0].usageId).toBe(results[0].usageId);
   });
 
-  it('a batch sent while a large file is ingested is written between its chunks, long before the run ends', async () => {
-    const dir = path.join(os.tmpdir(), `usage-writer-${process.pid}-${Date.now()}`);
-    fs.mkdirSync(dir, { recursive: true });
-    const file = path.join(dir, 'usage.ndjson');
-    t = await startTestApp({ USAGE_WRITER: 'thread', LOG_FILE_PATH: file }, { scheduler: false });
+  it('a batch sent while a large file is ingested is written between its chunks, before the run ends', async () => {
+    t = await startTestApp({ USAGE_WRITER: 'thread' }, { scheduler: false });
+    const file = path.join(t.dir, 'usage-logs.json'); // the harness's LOG_FILE_PATH (NDJSON is read by its content)
     const u = await user(1);
     const other = await user(2);
     writeNdjson(
@@ -73,6 +69,5 @@ describeSqlite('the usage writer thread (USAGE_WRITER=thread)', () => {
     // Answered while the run was still going: the batch did not wait for the write lock until the run's end.
     expect(runDone).toBeGreaterThan(0);
     expect(batchDone).toBeLessThan(runDone);
-    fs.rmSync(dir, { recursive: true, force: true });
   });
 });
