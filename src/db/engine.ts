@@ -41,6 +41,8 @@ const SQLITE_LOCK_WAIT_MS = 5000;
 const SQLITE_BUSY_STALL_MS = 20;
 /** The longest sleep between two tries of BEGIN IMMEDIATE (the usage writer thread's transactions last a few ms). */
 const SQLITE_LOCK_POLL_MAX_MS = 4;
+/** The longest a writer lets a waiting writer of the other thread take the lock first. */
+const SQLITE_HANDOFF_MAX_MS = 20;
 
 /** Applied to every SQLite connection (exported so the benchmark's raw-driver floors use the same settings). */
 export const SQLITE_PRAGMAS = [
@@ -131,6 +133,10 @@ const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve,
  */
 async function beginImmediate(conn: SqliteConnection, waiters: Int32Array | undefined): Promise<void> {
   const give = Date.now() + SQLITE_LOCK_WAIT_MS;
+  // A writer of the other thread is waiting for the lock: it goes first. BEGIN IMMEDIATE keeps no queue, so a
+  // chunked ingestion that commits for a waiter and begins its next chunk at once would win the lock again and
+  // again while the waiter sleeps between its tries. (A thread has one writer connection: who waits is the other.)
+  if (waiters) for (const until = Date.now() + SQLITE_HANDOFF_MAX_MS; Atomics.load(waiters, 0) > 0 && Date.now() < until; ) await sleep(1);
   let waiting = false;
   try {
     for (let pause = 1; ; pause = Math.min(pause * 2, SQLITE_LOCK_POLL_MAX_MS)) {
