@@ -11,6 +11,7 @@
  *   named method here (row locks, id allocation, serializing ingestion), so
  *   domain code never asks which database it runs on.
  */
+import { helper } from '@mikro-orm/core';
 import type { EntityManager } from '@mikro-orm/knex';
 import type { Logger } from 'pino';
 import type { DatabaseConfig } from '../config';
@@ -182,6 +183,16 @@ const PG_CHUNK_MS = 250;
  * the writer as before.
  */
 const SLICE_MS = 4;
+
+/** True when `em`'s unit of work holds a change not yet written: an entity persisted, removed or changed in place. */
+export function unflushed(em: EntityManager): boolean {
+  const uow = em.getUnitOfWork(false);
+  if (uow.getPersistStack().size > 0 || uow.getRemoveStack().size > 0) return true;
+  for (const entity of uow.getIdentityMap()) {
+    if (helper(entity).__initialized && helper(entity).isTouched()) return true;
+  }
+  return false;
+}
 const turn = () => new Promise<void>((resolve) => setImmediate(resolve));
 
 class SqlDatabase implements Database {
@@ -207,14 +218,26 @@ class SqlDatabase implements Database {
 
   async transaction<T>(work: (tx: Tx) => Promise<T>, opts: TransactionOptions = {}): Promise<T> {
     opts.signal?.throwIfAborted();
-    const result = await this.em.fork().transactional(async (em) => {
-      const tx = txOf(em, await this.engine.statementsOf(em), this.dialect === 'sqlite' ? slicer() : noSlices);
-      const hooks: (() => Promise<void>)[] = [];
-      this.beforeCommit.set(tx, hooks);
-      const value = await work(tx);
-      // Writes deferred to the end of the transaction (inEventOrder), in the order they were asked for.
-      for (const hook of hooks) await hook();
-      return value;
+    // The connection's own transaction, not em.transactional: MikroORM runs that (and every flush) inside an
+    // AsyncLocalStorage, and on Node 20 one AsyncLocalStorage.run installs promise hooks for the rest of the
+    // process: every promise of every call then pays for them (GetBalance: 13% fewer calls/s). The repositories
+    // write through SQL and the ORM's native insert/update, which need no flush (see unflushed).
+    const em = this.em.fork();
+    const result = await em.getConnection().transactional(async (trx) => {
+      em.setTransactionContext(trx);
+      try {
+        const tx = txOf(em, await this.engine.statementsOf(em), this.dialect === 'sqlite' ? slicer() : noSlices);
+        const hooks: (() => Promise<void>)[] = [];
+        this.beforeCommit.set(tx, hooks);
+        const value = await work(tx);
+        // Writes deferred to the end of the transaction (inEventOrder), in the order they were asked for.
+        for (const hook of hooks) await hook();
+        // A change made to a managed entity still gets written (the slow path, with the ORM's flush).
+        if (unflushed(em)) await em.flush();
+        return value;
+      } finally {
+        em.resetTransactionContext();
+      }
     });
     this.committed++;
     return result;

@@ -44,7 +44,7 @@ export function createJobRunsRepository(db: Database, events: EventsRepository):
       run.periodKey = periodKey;
       run.heartbeatAt = now;
       try {
-        await db.fork().persistAndFlush(run);
+        run.id = Number(await db.fork().insert(JobRun, run));
       } catch (err) {
         if (periodKey !== null && isUniqueViolation(err)) return null;
         throw err;

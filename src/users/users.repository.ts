@@ -1,8 +1,9 @@
 /**
  * The door of the `users` table: every write to it goes through a named
  * method here (creating, profile changes, suspension and reactivation by hand
- * or for non-payment, deletion). Reads of one user go through the unit of work
- * (MikroORM), lists page by id. Every change that moves a user (created,
+ * or for non-payment, deletion). Reads of one user go through MikroORM (not
+ * kept in a unit of work: each write is the ORM's native update, so nothing
+ * waits for a flush), lists page by id. Every change that moves a user (created,
  * suspended, reactivated, deleted) appends its event in the same transaction,
  * and only when it did move them.
  */
@@ -38,9 +39,18 @@ export interface UsersRepository {
 }
 
 export function createUsersRepository(db: Database, events: EventsRepository): UsersRepository {
+  /** Writes the status fields of `user` as they now are. */
+  const writeStatus = (tx: Tx, user: User) =>
+    tx.em.nativeUpdate(
+      User,
+      { id: user.id },
+      { status: user.status, suspensionReason: user.suspensionReason, suspendedForNonPayment: user.suspendedForNonPayment, updatedAt: user.updatedAt },
+    );
+
   return {
     async getLive(em, id) {
-      const user = await em.findOne(User, { id, deletedAt: null });
+      // Not kept in the unit of work: a change is written by the method that makes it, never by a flush.
+      const user = await em.findOne(User, { id, deletedAt: null }, { disableIdentityMap: true });
       if (!user) throw notFound('USER_NOT_FOUND', `user ${id} not found`);
       return user;
     },
@@ -61,7 +71,7 @@ export function createUsersRepository(db: Database, events: EventsRepository): U
 
     async create(tx, email, name, now) {
       const user = new User(email, name, now);
-      await tx.em.persistAndFlush(user);
+      user.id = Number(await tx.em.insert(User, user));
       await events.append(tx, [{ type: 'user.created', userId: user.id, refId: null, payload: { name, email } }], now);
       return user;
     },
@@ -70,7 +80,7 @@ export function createUsersRepository(db: Database, events: EventsRepository): U
       if (changes.email !== undefined) user.email = changes.email;
       if (changes.name !== undefined) user.name = changes.name;
       user.updatedAt = now;
-      await tx.em.flush();
+      await tx.em.nativeUpdate(User, { id: user.id }, { email: user.email, name: user.name, updatedAt: now });
     },
 
     async suspend(tx, user, reason, now) {
@@ -79,7 +89,7 @@ export function createUsersRepository(db: Database, events: EventsRepository): U
       user.suspensionReason = reason;
       user.suspendedForNonPayment = false;
       user.updatedAt = now;
-      await tx.em.flush();
+      await writeStatus(tx, user);
       if (moved) await events.append(tx, [{ type: 'user.suspended', userId: user.id, refId: null, payload: { reason, billingRecordId: 0 } }], now);
     },
 
@@ -89,14 +99,14 @@ export function createUsersRepository(db: Database, events: EventsRepository): U
       user.suspensionReason = '';
       user.suspendedForNonPayment = false;
       user.updatedAt = now;
-      await tx.em.flush();
+      await writeStatus(tx, user);
       if (moved) await events.append(tx, [{ type: 'user.reactivated', userId: user.id, refId: null, payload: { settled: false } }], now);
     },
 
     async markDeleted(tx, user, now) {
       user.deletedAt = now;
       user.updatedAt = now;
-      await tx.em.flush();
+      await tx.em.nativeUpdate(User, { id: user.id }, { deletedAt: now, updatedAt: now });
       await events.append(tx, [{ type: 'user.deleted', userId: user.id, refId: null, payload: {} }], now);
     },
 

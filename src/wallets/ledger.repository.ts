@@ -153,7 +153,7 @@ export function createLedgerRepository(db: Database, events: EventsRepository): 
 
   return {
     async open(tx, userId, now) {
-      await tx.em.persistAndFlush(new Wallet(userId, now));
+      await tx.em.insert(Wallet, new Wallet(userId, now));
     },
 
     async credit(tx, userId, amount, requestId, now) {
