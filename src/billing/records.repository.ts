@@ -115,6 +115,20 @@ export interface BillingRecordsRepository {
 }
 
 
+/** The two columns of unpaidColumns. */
+export type UnpaidColumns = { unpaid_hi: string | null; unpaid_lo: string | null };
+/**
+ * A user's unpaid total as two columns of a select list, unpaid_hi and
+ * unpaid_lo (sums of the amounts' 32-bit halves, exact on both databases),
+ * for the user whose id is the SQL `userId` (a placeholder or a column): so a
+ * read of another table can take it in the same statement, one snapshot
+ * (GetBalance, ledger.readWithOwed). Read back with unpaidOf.
+ */
+export const unpaidColumns = (userId: string): string =>
+  `(select cast(coalesce(sum(amount / 4294967296), 0) as text) from billing_records where user_id = ${userId} and status <> 'PAID') as unpaid_hi,
+   (select cast(coalesce(sum(amount % 4294967296), 0) as text) from billing_records where user_id = ${userId} and status <> 'PAID') as unpaid_lo`;
+export const unpaidOf = (row: UnpaidColumns): bigint => BigInt(row.unpaid_hi ?? '0') * 4294967296n + BigInt(row.unpaid_lo ?? '0');
+
 type RecordRow = {
   id: number | string;
   user_id: number | string;
@@ -342,12 +356,8 @@ export function createBillingRecordsRepository(db: Database, events: EventsRepos
     },
 
     async unpaidTotal(userId, read = (sql, params) => db.read(sql, params)) {
-      const [{ hi, lo }] = await read<{ hi: string | null; lo: string | null }>(
-        `select cast(coalesce(sum(amount / 4294967296), 0) as text) as hi, cast(coalesce(sum(amount % 4294967296), 0) as text) as lo
-         from billing_records where user_id = ? and status <> 'PAID'`,
-        [userId],
-      );
-      return BigInt(hi ?? '0') * 4294967296n + BigInt(lo ?? '0');
+      const [row] = await read<UnpaidColumns>(`select ${unpaidColumns('?')}`, [userId, userId]);
+      return unpaidOf(row);
     },
 
     async unpaidTotals(tx, userIds) {

@@ -100,22 +100,20 @@ export function createUnary(deps: AdapterDeps): Unary {
 
       // The client cancelled or its deadline passed: work not yet started is not started (see Database.transaction).
       // grpc-js also says 'cancelled' when the stream closes after the answer: that is no cancellation (and building
-      // the error and aborting cost about a tenth of a GetBalance call). The signal and the unit of work are made on
-      // first use: a call that reads through a reader connection needs neither.
+      // the error and aborting cost about a tenth of a GetBalance call). The signal, its listener and the unit of
+      // work are made on first use: a call that reads through a reader connection needs none of them.
       let abort: AbortController | undefined;
-      let cancelled: AppError | undefined;
-      call.once('cancelled', () => {
-        if (answered) return;
-        cancelled = new AppError('CANCELLED', 'CALL_CANCELLED', 'the call was cancelled by the client or its deadline');
-        abort?.abort(cancelled);
-      });
+      const cancel = () => {
+        if (!answered) abort!.abort(new AppError('CANCELLED', 'CALL_CANCELLED', 'the call was cancelled by the client or its deadline'));
+      };
       let em: EntityManager | undefined;
       const ctx = {
         metadata: call.metadata,
         get signal(): AbortSignal {
           if (!abort) {
             abort = new AbortController();
-            if (cancelled) abort.abort(cancelled);
+            if (call.cancelled) cancel();
+            else call.once('cancelled', cancel);
           }
           return abort.signal;
         },

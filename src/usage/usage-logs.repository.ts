@@ -133,6 +133,31 @@ export interface UsageLogsRepository {
 }
 
 const TWO_32 = 4294967296n;
+/** The columns of PENDING_COLUMNS; a left join leaves them null. */
+export type PendingColumns = { service: string | null; hi: string | null; lo: string | null };
+/** One row per service of a user's pending totals, from `usage_pending_totals p`: service, hi, lo (32-bit halves). */
+const PENDING_COLUMNS = 'p.service, cast(p.quantity_hi as text) as hi, cast(p.quantity_lo as text) as lo';
+/**
+ * A user's pending totals as rows of another table's read, in the same
+ * statement (one snapshot: GetBalance, ledger.readWithOwed): a left join on
+ * the SQL `userId` (a placeholder or a column) and its columns, read back with
+ * pendingOf.
+ */
+export const pendingTotalsJoin = (userId: string): { columns: string; join: string } => ({
+  columns: PENDING_COLUMNS,
+  join: `left join usage_pending_totals p on p.user_id = ${userId}`,
+});
+/** The pending quantity per service of rows with PENDING_COLUMNS (services at zero left out). */
+export function pendingOf(rows: readonly PendingColumns[]): Map<string, bigint> {
+  const totals = new Map<string, bigint>();
+  for (const r of rows) {
+    if (r.service === null || r.hi === null || r.lo === null) continue;
+    const quantity = BigInt(r.hi) * TWO_32 + BigInt(r.lo);
+    if (quantity !== 0n) totals.set(r.service, quantity);
+  }
+  return totals;
+}
+
 /** One (user, service) change of the pending totals. */
 type TotalsDelta = { quantity: bigint; entries: number };
 const totalKey = (userId: number, service: string) => `${userId}\u0000${service}`;
@@ -212,9 +237,7 @@ export function createUsageLogsRepository(db: Database): UsageLogsRepository {
     }
   }
 
-  const joined = (rows: { service: string; hi: string; lo: string }[]): Map<string, bigint> =>
-    new Map(rows.map((r) => [r.service, BigInt(r.hi) * TWO_32 + BigInt(r.lo)] as const).filter(([, q]) => q !== 0n));
-  const TOTALS_SQL = `select service, cast(quantity_hi as text) as hi, cast(quantity_lo as text) as lo from usage_pending_totals where user_id = ?`;
+  const TOTALS_SQL = `select ${PENDING_COLUMNS} from usage_pending_totals p where p.user_id = ?`;
 
   return {
     async beginRun(tx, jobRunId) {
@@ -412,7 +435,7 @@ export function createUsageLogsRepository(db: Database): UsageLogsRepository {
     },
 
     async pendingTotals(userId, read = (sql, params) => db.read(sql, params)) {
-      return joined(await read<{ service: string; hi: string; lo: string }>(TOTALS_SQL, [userId]));
+      return pendingOf(await read<PendingColumns>(TOTALS_SQL, [userId]));
     },
 
     async pendingTotalsOf(tx, userIds) {

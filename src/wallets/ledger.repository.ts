@@ -16,6 +16,8 @@ import type { EventsRepository } from '../events/events.repository';
 import type { NewEvent } from '../events/events.types';
 import { INT64_MAX } from '../shared/money';
 import { pageOf, type Page } from '../shared/paging';
+import { unpaidColumns, unpaidOf, type UnpaidColumns } from '../billing/records.repository';
+import { pendingOf, pendingTotalsJoin, type PendingColumns } from '../usage/usage-logs.repository';
 import { Wallet, WalletTransaction } from './wallet.entity';
 
 export interface WalletView {
@@ -74,6 +76,13 @@ export interface LedgerRepository {
   holdOpenMany(tx: Tx, userIds: readonly number[]): Promise<Map<number, 'open' | 'closed'>>;
   /** The wallet of a live user as committed now; null when the user is deleted or unknown. */
   read(userId: number, read?: Read): Promise<WalletView | null>;
+  /**
+   * GetBalance's read: the wallet of a live user with what they owe against
+   * it, their pending usage per service and their unpaid total, as committed
+   * now, in one statement: one snapshot on either database without a
+   * transaction. null when the user is deleted or unknown.
+   */
+  readWithOwed(userId: number): Promise<{ wallet: WalletView; pending: Map<string, bigint>; unpaid: bigint } | null>;
   /** One ledger row (a replayed credit's). */
   transaction(tx: Tx, id: number): Promise<WalletTransaction>;
   /** The wallet row in `tx`'s unit of work. */
@@ -274,6 +283,23 @@ export function createLedgerRepository(db: Database, events: EventsRepository): 
       if (rows.length === 0) return null;
       const r = rows[0];
       return { userId, balance: int64(r.balance), createdAt: epochMs(r.created_at), updatedAt: epochMs(r.updated_at) };
+    },
+
+    async readWithOwed(userId) {
+      const pending = pendingTotalsJoin('w.user_id');
+      // One row per pending service (at least one: the join is a left join), each with the wallet and the unpaid total.
+      const rows = await db.read<{ balance: string; created_at: number | string; updated_at: number | string } & UnpaidColumns & PendingColumns>(
+        `select cast(w.balance as text) as balance, w.created_at, w.updated_at, ${unpaidColumns('w.user_id')}, ${pending.columns}
+         from wallets w join users u on u.id = w.user_id ${pending.join} where w.user_id = ? and u.deleted_at is null`,
+        [userId],
+      );
+      if (rows.length === 0) return null;
+      const r = rows[0];
+      return {
+        wallet: { userId, balance: int64(r.balance), createdAt: epochMs(r.created_at), updatedAt: epochMs(r.updated_at) },
+        pending: pendingOf(rows),
+        unpaid: unpaidOf(r),
+      };
     },
 
     async transaction(tx, id) {

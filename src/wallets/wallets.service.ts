@@ -77,12 +77,9 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
   const withOwed = (wallet: WalletView, owed: bigint): WalletWithAvailable => ({ ...wallet, available: wallet.balance - owed });
 
   async function readWallet(userId: number): Promise<WalletWithAvailable | null> {
-    // One after the other: on PostgreSQL the snapshot is one connection, which runs one statement at a time.
-    const [wallet, totals, unpaid] = await db.snapshot(
-      async (read) => [await ledger.read(userId, read), await usageLogs.pendingTotals(userId, read), await records.unpaidTotal(userId, read)] as const,
-    );
-    if (!wallet) return null;
-    return withOwed(wallet, unbilledValue(totals, pricing) + unpaid);
+    const read = await ledger.readWithOwed(userId);
+    if (!read) return null;
+    return withOwed(read.wallet, unbilledValue(read.pending, pricing) + read.unpaid);
   }
 
   async function liveWallet(userId: number): Promise<WalletWithAvailable> {

@@ -4,9 +4,15 @@ import type { EntityManager } from '@mikro-orm/knex';
 import pino from 'pino';
 import { createUnary, type CallContext } from '../../src/grpc/adapter';
 
-/** A grpc-js unary call as the adapter uses it: a request, metadata and the 'cancelled' event. */
+/** A grpc-js unary call as the adapter uses it: a request, metadata, the `cancelled` flag and event. */
 function fakeCall(request: object): grpc.ServerUnaryCall<object, object> {
-  return Object.assign(new EventEmitter(), { request, metadata: new grpc.Metadata() }) as unknown as grpc.ServerUnaryCall<object, object>;
+  return Object.assign(new EventEmitter(), { request, metadata: new grpc.Metadata(), cancelled: false }) as unknown as grpc.ServerUnaryCall<object, object>;
+}
+
+/** What grpc-js does when a call is cancelled (or its stream closes): sets the flag, then emits. */
+function cancel(call: grpc.ServerUnaryCall<object, object>): void {
+  call.cancelled = true;
+  call.emit('cancelled', 'cancelled');
 }
 
 function setup() {
@@ -38,7 +44,7 @@ describe('the unary adapter call context', () => {
     const { cb, done } = answered();
     handler(call, cb);
     await new Promise((r) => setImmediate(r));
-    call.emit('cancelled');
+    cancel(call);
     release();
     const { err } = await done;
     expect(seen!.signal.aborted).toBe(true);
@@ -57,8 +63,31 @@ describe('the unary adapter call context', () => {
     const { cb, done } = answered();
     handler(call, cb);
     expect((await done).err).toBeNull();
-    call.emit('cancelled');
+    cancel(call);
     expect(seen!.signal.aborted).toBe(false);
+  });
+
+  it('aborts a signal taken before the client cancels, as the cancellation comes', async () => {
+    const { unary } = setup();
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    let abortedBeforeRelease: boolean | undefined;
+    const handler = unary<object, object>('Watching', async (_req, ctx) => {
+      const { signal } = ctx;
+      await gate;
+      abortedBeforeRelease = signal.aborted;
+      signal.throwIfAborted();
+      return {};
+    });
+    const call = fakeCall({});
+    const { cb, done } = answered();
+    handler(call, cb);
+    await new Promise((r) => setImmediate(r));
+    cancel(call);
+    release();
+    const { err } = await done;
+    expect(abortedBeforeRelease).toBe(true);
+    expect(err?.code).toBe(grpc.status.CANCELLED);
   });
 
   it('forks a unit of work only for a handler that uses one, once per call', async () => {
