@@ -305,7 +305,9 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: EngineOp
     conn.exec(SQLITE_READER_PRAGMAS);
     return conn;
   };
-  const readers = inMemory ? [] : Array.from({ length: SQLITE_READERS }, openReader);
+  // Each reader's statements, made once (a read is the hottest call there is).
+  const readerConnections = inMemory ? [] : Array.from({ length: SQLITE_READERS }, openReader);
+  const readers = readerConnections.map((reader) => sqliteStatements(reader, keptOn(reader)));
   let turn = 0;
   /**
    * Snapshots run on a reader of their own, one at a time (each is a few point reads): BEGIN, the reads,
@@ -321,10 +323,7 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: EngineOp
       return sqliteStatements(conn, keptOn(conn));
     },
     async read<T>(sql: string, params: unknown[]): Promise<T[]> {
-      if (readers.length > 0) {
-        const reader = readers[turn++ % readers.length];
-        return sqliteStatements(reader, keptOn(reader)).all<T>(sql, params, true);
-      }
+      if (readers.length > 0) return readers[turn++ % readers.length].all<T>(sql, params, true);
       const conn = (await knexClient.acquireConnection()) as SqliteConnection;
       try {
         return await sqliteStatements(conn, keptOn(conn)).all<T>(sql, params, true);
@@ -359,7 +358,7 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: EngineOp
     withSessionLock: (_key, fn) => fn(),
     writersWaiting: () => (knexClient.pool?.numPendingAcquires() ?? 0) > 0 || (opts.lockWaiters !== undefined && Atomics.load(opts.lockWaiters, 0) > 0),
     async close(force) {
-      for (const reader of readers) reader.close();
+      for (const reader of readerConnections) reader.close();
       snapshotReader?.close();
       await orm.close(force);
     },

@@ -27,27 +27,37 @@ const isPlainObject = (value: unknown): value is Record<string, unknown> => {
   return proto === Object.prototype || proto === null;
 };
 
-/** The first string in a decoded message holding a refused character: its proto path and the character. */
-export function findControlCharacter(value: unknown, path = '', depth = 0): { path: string; char: string } | null {
+/** A refused character and where it is: the path's parts from the innermost out (joined only when one is found). */
+type Found = { char: string; parts: string[] };
+
+function find(value: unknown, depth: number): Found | null {
   if (typeof value === 'string') {
     const found = CONTROL.exec(value);
-    return found ? { path, char: found[0] } : null;
+    return found ? { char: found[0], parts: [] } : null;
   }
-  if (depth > 32) return null; // decoded protobuf is never this deep; a guard, not a rule
+  if (typeof value !== 'object' || value === null || depth > 32) return null; // decoded protobuf is never this deep
   if (Array.isArray(value)) {
-    for (const [i, item] of value.entries()) {
-      const found = findControlCharacter(item, `${path}[${i}]`, depth + 1);
-      if (found) return found;
+    for (let i = 0; i < value.length; i++) {
+      const found = find(value[i], depth + 1);
+      if (found) return found.parts.push(`[${i}]`), found;
     }
     return null;
   }
   if (isPlainObject(value)) {
-    for (const [key, item] of Object.entries(value)) {
-      const found = findControlCharacter(item, path ? `${path}.${protoFieldName(key)}` : protoFieldName(key), depth + 1);
-      if (found) return found;
+    for (const key of Object.keys(value)) {
+      const found = find(value[key], depth + 1);
+      if (found) return found.parts.push(protoFieldName(key)), found;
     }
   }
   return null; // numbers, bigints, booleans, bytes, dates
+}
+
+/** The first string in a decoded message holding a refused character: its proto path and the character. */
+export function findControlCharacter(value: unknown): { path: string; char: string } | null {
+  const found = find(value, 0);
+  if (!found) return null;
+  const path = found.parts.reverse().reduce((at, part) => (part.startsWith('[') || at === '' ? at + part : `${at}.${part}`), '');
+  return { path, char: found.char };
 }
 
 /**

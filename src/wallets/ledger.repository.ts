@@ -129,6 +129,11 @@ function toTransaction(row: LedgerRow): WalletTransaction {
   return t;
 }
 
+const pending = pendingTotalsJoin('w.user_id');
+/** readWithOwed's statement: one text, made once (a statement's cache looks its text up on every call). */
+const WITH_OWED_SQL = `select cast(w.balance as text) as balance, w.created_at, w.updated_at, ${unpaidColumns('w.user_id')}, ${pending.columns}
+  from wallets w join users u on u.id = w.user_id ${pending.join} where w.user_id = ? and u.deleted_at is null`;
+
 export function createLedgerRepository(db: Database, events: EventsRepository): LedgerRepository {
   async function insertRow(
     tx: Tx,
@@ -286,13 +291,8 @@ export function createLedgerRepository(db: Database, events: EventsRepository): 
     },
 
     async readWithOwed(userId) {
-      const pending = pendingTotalsJoin('w.user_id');
       // One row per pending service (at least one: the join is a left join), each with the wallet and the unpaid total.
-      const rows = await db.read<{ balance: string; created_at: number | string; updated_at: number | string } & UnpaidColumns & PendingColumns>(
-        `select cast(w.balance as text) as balance, w.created_at, w.updated_at, ${unpaidColumns('w.user_id')}, ${pending.columns}
-         from wallets w join users u on u.id = w.user_id ${pending.join} where w.user_id = ? and u.deleted_at is null`,
-        [userId],
-      );
+      const rows = await db.read<{ balance: string; created_at: number | string; updated_at: number | string } & UnpaidColumns & PendingColumns>(WITH_OWED_SQL, [userId]);
       if (rows.length === 0) return null;
       const r = rows[0];
       return {
