@@ -34,8 +34,9 @@ export interface Engine {
  * How long a write transaction waits for SQLite's write lock while another
  * process holds it. better-sqlite3 runs on the event loop, so SQLite's own
  * busy handler would block the whole service while it waits; instead a write
- * transaction begins with BEGIN IMMEDIATE and retries it with short sleeps
- * (see beginImmediate), and statements wait at most SQLITE_BUSY_STALL_MS.
+ * transaction begins with BEGIN IMMEDIATE, without the busy handler, and
+ * retries it with short sleeps (see beginImmediate); other statements wait at
+ * most SQLITE_BUSY_STALL_MS.
  */
 const SQLITE_LOCK_WAIT_MS = 5000;
 const SQLITE_BUSY_STALL_MS = 20;
@@ -138,6 +139,10 @@ async function beginImmediate(conn: SqliteConnection, waiters: Int32Array | unde
   // again while the waiter sleeps between its tries. (A thread has one writer connection: who waits is the other.)
   if (waiters) for (const until = Date.now() + SQLITE_HANDOFF_MAX_MS; Atomics.load(waiters, 0) > 0 && Date.now() < until; ) await sleep(1);
   let waiting = false;
+  // No busy handler for these tries: SQLite's own (busy_timeout) sleeps inside BEGIN IMMEDIATE, blocking the thread
+  // for up to SQLITE_BUSY_STALL_MS at each try; during a large ingestion on the usage writer thread, that was half
+  // of the event loop's time.
+  conn.prepare('pragma busy_timeout = 0').run();
   try {
     for (let pause = 1; ; pause = Math.min(pause * 2, SQLITE_LOCK_POLL_MAX_MS)) {
       try {
@@ -151,6 +156,7 @@ async function beginImmediate(conn: SqliteConnection, waiters: Int32Array | unde
       }
     }
   } finally {
+    conn.prepare(`pragma busy_timeout = ${SQLITE_BUSY_STALL_MS}`).run();
     if (waiters && waiting) Atomics.sub(waiters, 0, 1);
   }
 }

@@ -7,6 +7,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import Sqlite from 'better-sqlite3';
 import pino from 'pino';
 import { openDatabase, type Database } from '../../src/db/database';
 import { onPostgres } from '../helpers/database';
@@ -56,5 +57,36 @@ describeSqlite('SQLite write transactions in slices', () => {
   it('so does a shared group-commit transaction of many writes', async () => {
     const turns = await turnsDuring(() => Promise.all(Array.from({ length: 10 }, () => db.groupWrite(async (tx) => tx.all(SLOW_READ, [])))));
     expect(turns).toBeGreaterThanOrEqual(5);
+  });
+
+  it('a write transaction waiting for the write lock keeps the event loop turning', async () => {
+    // Another connection holds the write lock for half a second (the usage writer thread's, or another process).
+    const holder = new Sqlite(path.join(dir, 'b.db'));
+    holder.exec('begin immediate');
+    const released = new Promise<void>((resolve) =>
+      setTimeout(() => {
+        holder.exec('commit');
+        resolve();
+      }, 500),
+    );
+    // The gaps between turns of the event loop while the transaction waits: SQLite's own busy handler
+    // (busy_timeout) would sleep inside BEGIN IMMEDIATE, blocking the thread for up to 20 ms at a time.
+    const gaps: number[] = [];
+    let last = performance.now();
+    let on = true;
+    const tick = () => {
+      if (!on) return;
+      const now = performance.now();
+      gaps.push(now - last);
+      last = now;
+      setImmediate(tick);
+    };
+    setImmediate(tick);
+    await db.transaction(async (tx) => tx.run('create table waited (x integer)', []));
+    on = false;
+    await released;
+    holder.close();
+    const long = gaps.filter((g) => g >= 15).length;
+    expect(long).toBeLessThan(5);
   });
 });
