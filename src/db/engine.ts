@@ -315,6 +315,15 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: EngineOp
   const readerConnections = inMemory ? [] : Array.from({ length: SQLITE_READERS }, openReader);
   const readers = readerConnections.map((reader) => sqliteStatements(reader, keptOn(reader)));
   let turn = 0;
+  /** In memory there are no readers: a read takes the one connection (between transactions). */
+  async function readInMemory<T>(sql: string, params: unknown[]): Promise<T[]> {
+    const conn = (await knexClient.acquireConnection()) as SqliteConnection;
+    try {
+      return await sqliteStatements(conn, keptOn(conn)).all<T>(sql, params, true);
+    } finally {
+      knexClient.releaseConnection(conn);
+    }
+  }
   /**
    * Snapshots run on a reader of their own, one at a time (each is a few point reads): BEGIN, the reads,
    * COMMIT. A reader shared with plain reads would let those join an open snapshot and see older data.
@@ -328,14 +337,9 @@ export async function openEngine(db: DatabaseConfig, log: Logger, opts: EngineOp
       const conn = (await txConnection(txEm)) as SqliteConnection;
       return sqliteStatements(conn, keptOn(conn));
     },
-    async read<T>(sql: string, params: unknown[]): Promise<T[]> {
+    read<T>(sql: string, params: unknown[]): Promise<T[]> {
       if (readers.length > 0) return readers[turn++ % readers.length].all<T>(sql, params, true);
-      const conn = (await knexClient.acquireConnection()) as SqliteConnection;
-      try {
-        return await sqliteStatements(conn, keptOn(conn)).all<T>(sql, params, true);
-      } finally {
-        knexClient.releaseConnection(conn);
-      }
+      return readInMemory<T>(sql, params);
     },
     snapshot<T>(work: (read: <R>(sql: string, params: unknown[]) => Promise<R[]>) => Promise<T>): Promise<T> {
       const run = async (): Promise<T> => {

@@ -122,13 +122,15 @@ export function createUnary(deps: AdapterDeps): Unary {
         },
       };
 
-      // Promise.resolve().then also catches a handler that throws synchronously.
-      Promise.resolve()
-        .then(() => {
-          // One rule for every string of every request, before any handler sees it.
-          checkRequestStrings(call.request, opts.ownRules);
-          return handler(call.request, ctx);
-        })
+      let work: Promise<Res>;
+      try {
+        // One rule for every string of every request, before any handler sees it.
+        checkRequestStrings(call.request, opts.ownRules);
+        work = Promise.resolve(handler(call.request, ctx));
+      } catch (err) {
+        work = Promise.reject(err); // the check, or a handler that throws before its first await
+      }
+      work
         .then(succeed, fail)
         .catch((err: unknown) => {
           // Only reached if calling back or logging threw; never let it escape.

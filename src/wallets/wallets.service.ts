@@ -91,10 +91,7 @@ export function createWalletsService(deps: WalletsDeps): WalletsService {
   return {
     getWallet: (_ctx, userId) => liveWallet(userId),
 
-    async getBalance(_ctx, userId) {
-      const { balance, available } = await liveWallet(userId);
-      return { balance, available };
-    },
+    getBalance: (_ctx, userId) => liveWallet(userId),
 
     async addFunds(ctx, userId, amount, rawRequestId) {
       if (amount <= 0n) throw invalidArgument('amount', 'NON_POSITIVE_AMOUNT', 'amount must be greater than zero');
