@@ -146,6 +146,9 @@ describe('EventService on one replica', () => {
   });
 
   it('a cursor older than the retention is OUT_OF_RANGE [CURSOR_EXPIRED]; an empty cursor starts at the oldest event kept', async () => {
+    // The prune the service starts at start-up, in the background, first: prune() joins a prune in flight, and
+    // one that read the table before the old events below were written deletes none of them (CI on PostgreSQL saw 0).
+    await t.app.services.events.prune();
     const old = new Date(Date.now() - 31 * DAY);
     await append(t.app, range(10).map((i) => userCreated(1, i)), old);
     const before = await listAll(events);
