@@ -44,7 +44,9 @@ export function createJobRunsRepository(db: Database, events: EventsRepository):
       run.periodKey = periodKey;
       run.heartbeatAt = now;
       try {
-        run.id = Number(await db.fork().insert(JobRun, run));
+        // In a transaction, like every write: it waits for SQLite's write lock (the usage writer thread
+        // holds it a chunk at a time) instead of failing after the busy handler's 20 ms.
+        run.id = Number(await db.transaction((tx) => tx.em.insert(JobRun, run)));
       } catch (err) {
         if (periodKey !== null && isUniqueViolation(err)) return null;
         throw err;
@@ -53,7 +55,7 @@ export function createJobRunsRepository(db: Database, events: EventsRepository):
     },
 
     async heartbeat(id, now) {
-      await db.fork().nativeUpdate(JobRun, { id, status: 'RUNNING' }, { heartbeatAt: now });
+      await db.transaction((tx) => tx.em.nativeUpdate(JobRun, { id, status: 'RUNNING' }, { heartbeatAt: now }));
     },
 
     async close(run) {

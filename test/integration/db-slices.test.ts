@@ -10,6 +10,8 @@ import * as path from 'node:path';
 import Sqlite from 'better-sqlite3';
 import pino from 'pino';
 import { openDatabase, type Database } from '../../src/db/database';
+import { createEventsRepository } from '../../src/events/events.repository';
+import { createJobRunsRepository } from '../../src/jobs/job-runs.repository';
 import { onPostgres } from '../helpers/database';
 
 const describeSqlite = onPostgres ? describe.skip : describe;
@@ -88,5 +90,50 @@ describeSqlite('SQLite write transactions in slices', () => {
     holder.close();
     const long = gaps.filter((g) => g >= 15).length;
     expect(long).toBeLessThan(5);
+  });
+});
+
+describeSqlite('job runs while another connection holds the write lock', () => {
+  let dir: string;
+  let db: Database;
+  beforeEach(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-jobrun-lock-'));
+    db = await openDatabase({ kind: 'sqlite', path: path.join(dir, 'b.db') }, pino({ level: 'silent' }));
+  });
+  afterEach(async () => {
+    await db.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  // The usage writer thread holds SQLite's write lock for a chunk at a time during an ingestion, and the
+  // run's own heartbeat (or a claim by the cron) must wait for it like every other write, not fail after
+  // the 20 ms of SQLite's busy handler: a 1M-entry ingestion here logged "job run heartbeat failed" 3 times.
+  it('a claim and a heartbeat wait for the lock instead of failing', async () => {
+    const jobRuns = createJobRunsRepository(db, createEventsRepository(db));
+    const holder = new Sqlite(path.join(dir, 'b.db'));
+    const hold = (ms: number) => {
+      holder.exec('begin immediate');
+      return new Promise<void>((resolve) =>
+        setTimeout(() => {
+          holder.exec('commit');
+          resolve();
+        }, ms),
+      );
+    };
+    let released: Promise<void> = Promise.resolve();
+    try {
+      released = hold(300);
+      const run = await jobRuns.claim('PROCESS_LOGS', 'rpc', null, new Date(1_000));
+      await released;
+      expect(run).not.toBeNull();
+      released = hold(300);
+      await jobRuns.heartbeat(run!.id, new Date(2_000));
+      await released;
+      const rows = holder.prepare('select status, heartbeat_at as h from job_runs where id = ?').all(run!.id);
+      expect(rows).toEqual([{ status: 'RUNNING', h: 2_000 }]);
+    } finally {
+      await released;
+      holder.close();
+    }
   });
 });
