@@ -18,17 +18,22 @@ const describeSqlite = onPostgres ? describe.skip : describe;
 /** About 10-30 ms of work on the event loop, whatever the machine. */
 const SLOW_READ = 'with recursive c(x) as (select 1 union all select x + 1 from c where x < 200000) select count(*) as n from c';
 
-describeSqlite('SQLite write transactions in slices', () => {
-  let dir: string;
-  let db: Database;
+/** A fresh SQLite file database for each test of the calling describe block. */
+function freshDatabase(): { readonly dir: string; readonly db: Database } {
+  const state = {} as { dir: string; db: Database };
   beforeEach(async () => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-slices-'));
-    db = await openDatabase({ kind: 'sqlite', path: path.join(dir, 'b.db') }, pino({ level: 'silent' }));
+    state.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-slices-'));
+    state.db = await openDatabase({ kind: 'sqlite', path: path.join(state.dir, 'b.db') }, pino({ level: 'silent' }));
   });
   afterEach(async () => {
-    await db.close();
-    fs.rmSync(dir, { recursive: true, force: true });
+    await state.db.close();
+    fs.rmSync(state.dir, { recursive: true, force: true });
   });
+  return state;
+}
+
+describeSqlite('SQLite write transactions in slices', () => {
+  const t = freshDatabase();
 
   /** Turns of the event loop (setImmediate callbacks) while `work` runs. */
   async function turnsDuring(work: () => Promise<unknown>): Promise<number> {
@@ -49,7 +54,7 @@ describeSqlite('SQLite write transactions in slices', () => {
 
   it('a transaction of long statements lets the event loop turn between them', async () => {
     const turns = await turnsDuring(() =>
-      db.transaction(async (tx) => {
+      t.db.transaction(async (tx) => {
         for (let i = 0; i < 10; i++) await tx.all(SLOW_READ, []);
       }),
     );
@@ -57,13 +62,13 @@ describeSqlite('SQLite write transactions in slices', () => {
   });
 
   it('so does a shared group-commit transaction of many writes', async () => {
-    const turns = await turnsDuring(() => Promise.all(Array.from({ length: 10 }, () => db.groupWrite(async (tx) => tx.all(SLOW_READ, [])))));
+    const turns = await turnsDuring(() => Promise.all(Array.from({ length: 10 }, () => t.db.groupWrite(async (tx) => tx.all(SLOW_READ, [])))));
     expect(turns).toBeGreaterThanOrEqual(5);
   });
 
   it('a write transaction waiting for the write lock keeps the event loop turning', async () => {
     // Another connection holds the write lock for half a second (the usage writer thread's, or another process).
-    const holder = new Sqlite(path.join(dir, 'b.db'));
+    const holder = new Sqlite(path.join(t.dir, 'b.db'));
     holder.exec('begin immediate');
     const released = new Promise<void>((resolve) =>
       setTimeout(() => {
@@ -84,7 +89,7 @@ describeSqlite('SQLite write transactions in slices', () => {
       setImmediate(tick);
     };
     setImmediate(tick);
-    await db.transaction(async (tx) => tx.run('create table waited (x integer)', []));
+    await t.db.transaction(async (tx) => tx.run('create table waited (x integer)', []));
     on = false;
     await released;
     holder.close();
@@ -94,23 +99,14 @@ describeSqlite('SQLite write transactions in slices', () => {
 });
 
 describeSqlite('job runs while another connection holds the write lock', () => {
-  let dir: string;
-  let db: Database;
-  beforeEach(async () => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'billing-jobrun-lock-'));
-    db = await openDatabase({ kind: 'sqlite', path: path.join(dir, 'b.db') }, pino({ level: 'silent' }));
-  });
-  afterEach(async () => {
-    await db.close();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  const t = freshDatabase();
 
   // The usage writer thread holds SQLite's write lock for a chunk at a time during an ingestion, and the
   // run's own heartbeat (or a claim by the cron) must wait for it like every other write, not fail after
   // the 20 ms of SQLite's busy handler: a 1M-entry ingestion here logged "job run heartbeat failed" 3 times.
   it('a claim and a heartbeat wait for the lock instead of failing', async () => {
-    const jobRuns = createJobRunsRepository(db, createEventsRepository(db));
-    const holder = new Sqlite(path.join(dir, 'b.db'));
+    const jobRuns = createJobRunsRepository(t.db, createEventsRepository(t.db));
+    const holder = new Sqlite(path.join(t.dir, 'b.db'));
     const hold = (ms: number) => {
       holder.exec('begin immediate');
       return new Promise<void>((resolve) =>
