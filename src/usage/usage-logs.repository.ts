@@ -94,11 +94,12 @@ export interface UsageLogsRepository {
   /** The entries stored under these producer event ids (keys `e:<id>`), by event id. */
   storedEvents(tx: Tx, eventIds: readonly string[]): Promise<Map<string, StoredEvent>>;
   /**
-   * Inserts rows (with the fewest prepared multi-row statements) and returns
-   * their ids, in order; throws if any was not inserted. PENDING rows of live
-   * users (any reason but UNKNOWN_USER and USER_DELETED) join the pending totals.
+   * Inserts rows (with the fewest prepared multi-row statements); throws if
+   * any was not inserted. PENDING rows of live users (any reason but
+   * UNKNOWN_USER and USER_DELETED) join the pending totals. No ids come back:
+   * an ingestion's million rows would each be read back for nothing.
    */
-  insert(tx: Tx, rows: readonly UsageRowDraft[]): Promise<number[]>;
+  insert(tx: Tx, rows: readonly UsageRowDraft[]): Promise<void>;
   /**
    * Stores producer events (rows with `e:<id>` keys) unless their key is
    * stored already, by this or a concurrent writer (on PostgreSQL an insert
@@ -168,7 +169,7 @@ const INSERT_SIZES = [500, 100, 10, 1];
 const INSERT_SQL = new Map(
   INSERT_SIZES.map((size) => [
     size,
-    `insert into usage_logs (${COLUMNS.join(', ')}) values ${Array.from({ length: size }, () => `(${COLUMNS.map(() => '?').join(', ')})`).join(', ')} returning id`,
+    `insert into usage_logs (${COLUMNS.join(', ')}) values ${Array.from({ length: size }, () => `(${COLUMNS.map(() => '?').join(', ')})`).join(', ')}`,
   ]),
 );
 /** Keys per look-up (one kept statement: a shorter list is padded). */
@@ -187,19 +188,26 @@ const EVENT_INSERT_SQL = new Map(
   ]),
 );
 
-const rowParams = (r: UsageRowDraft): unknown[] => [
-  r.dedupKey,
-  r.userId,
-  r.service,
-  r.quantity,
-  r.usageAt,
-  r.status,
-  r.reason,
-  r.billingRecordId,
-  r.jobRunId,
-  r.ingestedAt,
-  r.source,
-];
+/** The parameters of rows[at, at + n), in COLUMNS order, as one flat list (a multi-row statement's). */
+function paramsOf(rows: readonly UsageRowDraft[], at: number, n: number): unknown[] {
+  const params: unknown[] = new Array(n * COLUMNS.length);
+  let k = 0;
+  for (let i = at; i < at + n; i++) {
+    const r = rows[i];
+    params[k++] = r.dedupKey;
+    params[k++] = r.userId;
+    params[k++] = r.service;
+    params[k++] = r.quantity;
+    params[k++] = r.usageAt;
+    params[k++] = r.status;
+    params[k++] = r.reason;
+    params[k++] = r.billingRecordId;
+    params[k++] = r.jobRunId;
+    params[k++] = r.ingestedAt;
+    params[k++] = r.source;
+  }
+  return params;
+}
 
 /** PENDING usage of a live user (any reason but UNKNOWN_USER and USER_DELETED) is in the pending totals. */
 const counted = (r: UsageRowDraft): boolean =>
@@ -330,37 +338,26 @@ export function createUsageLogsRepository(db: Database): UsageLogsRepository {
     },
 
     async insert(tx, rows) {
-      const params = rows.flatMap(rowParams);
-      const width = COLUMNS.length;
-      const ids: number[] = [];
       let at = 0;
       for (const size of INSERT_SIZES) {
         while (rows.length - at >= size) {
-          const inserted = await tx.all<{ id: number | string }>(INSERT_SQL.get(size)!, params.slice(at * width, (at + size) * width), { keep: true });
-          if (inserted.length !== size) throw new Error('usage rows changed while storing them; aborted');
-          for (const r of inserted) ids.push(Number(r.id));
+          const inserted = await tx.run(INSERT_SQL.get(size)!, paramsOf(rows, at, size), { keep: true });
+          if (inserted !== size) throw new Error('usage rows changed while storing them; aborted');
           at += size;
         }
       }
       const deltas = new Map<string, TotalsDelta & { userId: number; service: string }>();
       for (const r of rows) if (counted(r)) addDelta(deltas, r.userId!, r.service, BigInt(r.quantity), 1);
       await moveTotals(tx, deltas);
-      return ids;
     },
 
     async insertEvents(tx, rows) {
       const sorted = [...rows].sort((a, b) => (a.dedupKey < b.dedupKey ? -1 : a.dedupKey > b.dedupKey ? 1 : 0));
-      const params = sorted.flatMap(rowParams);
-      const width = COLUMNS.length;
       const ids = new Map<string, number>();
       let at = 0;
       for (const size of INSERT_SIZES) {
         while (sorted.length - at >= size) {
-          const inserted = await tx.all<{ id: number | string; dedup_key: string }>(
-            EVENT_INSERT_SQL.get(size)!,
-            params.slice(at * width, (at + size) * width),
-            { keep: true },
-          );
+          const inserted = await tx.all<{ id: number | string; dedup_key: string }>(EVENT_INSERT_SQL.get(size)!, paramsOf(sorted, at, size), { keep: true });
           for (const r of inserted) ids.set(r.dedup_key, Number(r.id));
           at += size;
         }
