@@ -29,6 +29,8 @@ export interface BenchOptions {
   out: string;
   /** LOG_LEVEL of the service processes (info is the production default). */
   logLevel: string;
+  /** USAGE_WRITER of the service processes, when given (default: the service's own, the thread on a SQLite file). */
+  usageWriter?: 'thread' | 'inline';
   /** Seconds per h2load / client run. */
   rpcSeconds: number;
   /** Scratch directory (databases, usage files, logs). */
@@ -204,6 +206,8 @@ export interface ServiceProcess {
   peakRss(): number;
   /** Current RSS in bytes. */
   rss(): number;
+  /** CPU seconds (user + system, all threads) the process has used so far. */
+  cpuSeconds(): number;
   /** SIGTERM and wait for the exit (SIGKILL after 20 s). */
   stop(): Promise<number | null>;
 }
@@ -217,6 +221,19 @@ function procStatusKb(pid: number, field: string): number {
     return 0;
   }
 }
+
+/** utime + stime of a process from /proc/PID/stat, in seconds (fields 14 and 15, counted after the command's parenthesis). */
+export function procCpuSeconds(pid: number): number {
+  try {
+    const text = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS;
+  } catch {
+    return 0;
+  }
+}
+/** USER_HZ: Linux reports process times in 1/100 s on every platform Node runs on. */
+const CLOCK_TICKS = 100;
 
 /** grpc.health.v1.Health/Check for the whole server answers SERVING (status 1: bytes 08 01). */
 function serving(address: string): Promise<boolean> {
@@ -243,6 +260,7 @@ export async function startService(opts: BenchOptions, env: Record<string, strin
       GRPC_HOST: '127.0.0.1',
       GRPC_PORT: String(port),
       LOG_LEVEL: opts.logLevel,
+      ...(opts.usageWriter ? { USAGE_WRITER: opts.usageWriter } : {}),
       INGEST_CRON: 'off',
       LOG_FILE_PATH: path.join(opts.workDir, 'no-usage-file.json'),
       ...env,
@@ -283,6 +301,7 @@ export async function startService(opts: BenchOptions, env: Record<string, strin
       return peak * 1024;
     },
     rss: () => procStatusKb(pid, 'VmRSS') * 1024,
+    cpuSeconds: () => procCpuSeconds(pid),
     async stop() {
       if (exited === undefined) sample();
       clearInterval(sampler);

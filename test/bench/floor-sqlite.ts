@@ -8,10 +8,10 @@
  *
  * The schema is copied from a database the service migrated, so indexes and
  * foreign keys are the real ones. Prints one JSON line:
- *   { rows, parseMs, insertMs, totalMs, peakRssBytes }
+ *   { rows, parseMs, insertMs, totalMs, cpuMs, peakRssBytes }
  * parseMs: read + JSON.parse + validate-free row building (identity hash and
  * occurrence number as the service computes them); insertMs: the inserts and
- * the commit alone.
+ * the commit alone; cpuMs: this process's CPU time (user + system) over both.
  */
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
@@ -36,6 +36,7 @@ async function main(): Promise<void> {
   if (extraPragmas) db.exec(extraPragmas); // experiments only: pragmas or schema changes after the copy
 
   const t0 = performance.now();
+  const c0 = process.cpuUsage();
   // Read and build the rows: JSON.parse, content hash, occurrence number.
   const text = fs.readFileSync(file, 'utf8');
   const entries: { userId: number; service: string; quantity: number | string; timestamp: string }[] = text.trimStart().startsWith('[')
@@ -57,6 +58,7 @@ async function main(): Promise<void> {
     rows[i] = [`c:${h}:${n}`, e.userId, e.service, q, at, 'BILLED', '', e.userId, 1, now];
   }
   const t1 = performance.now();
+  const parseCpu = process.cpuUsage(c0);
 
   // Users, their records and the job run the rows point at (foreign keys are on); not timed.
   const userIds = [...users].sort((a, b) => a - b);
@@ -76,6 +78,7 @@ async function main(): Promise<void> {
   db.exec('commit');
 
   const t2 = performance.now();
+  const c2 = process.cpuUsage();
   db.exec('begin');
   const placeholders = (n: number) => Array.from({ length: n }, () => `(${COLUMNS.map(() => '?').join(', ')})`).join(', ');
   const sql = (n: number) => `insert into usage_logs (${COLUMNS.join(', ')}) values ${placeholders(n)} on conflict (dedup_key) do nothing`;
@@ -89,12 +92,14 @@ async function main(): Promise<void> {
   if (i < rows.length) db.prepare(sql(rows.length - i)).run(rows.slice(i).flat());
   db.exec('commit');
   const t3 = performance.now();
+  const insertCpu = process.cpuUsage(c2);
+  const cpuMs = (parseCpu.user + parseCpu.system + insertCpu.user + insertCpu.system) / 1000;
   const { n } = db.prepare('select count(*) as n from usage_logs').get() as { n: number };
   db.close();
   clearInterval(sampler);
   removeDb(scratch);
   process.stdout.write(
-    JSON.stringify({ rows: n, rowsPerStmt, parseMs: t1 - t0, insertMs: t3 - t2, totalMs: t1 - t0 + (t3 - t2), peakRssBytes: peak }) + '\n',
+    JSON.stringify({ rows: n, rowsPerStmt, parseMs: t1 - t0, insertMs: t3 - t2, totalMs: t1 - t0 + (t3 - t2), cpuMs, peakRssBytes: peak }) + '\n',
   );
 }
 

@@ -21,6 +21,8 @@ export interface IngestRow {
   format: UsageFormat;
   db: string;
   seconds: number;
+  /** CPU seconds the service process used during the run (all its threads). */
+  cpuS: number;
   entriesPerS: number;
   peakRssMb: number;
   baseRssMb: number;
@@ -29,7 +31,11 @@ export interface IngestRow {
   status: string;
   floorTotalS?: number;
   floorInsertS?: number;
+  /** The floor's CPU seconds over the same phases as floorTotalS. */
+  floorCpuS?: number;
   ratioToFloor?: number;
+  /** cpuS / floorCpuS: less moved by other work on a shared machine than the wall-clock ratio. */
+  cpuRatioToFloor?: number;
   ratioToFloorInsert?: number;
 }
 
@@ -45,6 +51,7 @@ export function usageFile(opts: BenchOptions, entries: number, format: UsageForm
 
 export interface IngestRun {
   seconds: number;
+  cpuSeconds: number;
   peakRssBytes: number;
   baseRssBytes: number;
   jobRun: jobPb.JobRun;
@@ -68,12 +75,14 @@ export async function timedIngest(
     await seedUsers(db, USERS, FUNDS);
     await db.close();
     const baseRssBytes = svc.rss();
+    const cpu0 = svc.cpuSeconds();
     const t0 = performance.now();
     const res = await unary<jobPb.ProcessLogsResponse>(c.jobs, 'processLogs', {}, 3_600_000);
     const seconds = (performance.now() - t0) / 1000;
+    const cpuSeconds = svc.cpuSeconds() - cpu0;
     const peakRssBytes = svc.peakRss();
     const probe = after ? await after(svc.address) : undefined;
-    return { seconds, peakRssBytes, baseRssBytes, jobRun: res.jobRun!, dbFile: db.file, probe };
+    return { seconds, cpuSeconds, peakRssBytes, baseRssBytes, jobRun: res.jobRun!, dbFile: db.file, probe };
   } finally {
     c.close();
     await svc.stop();
@@ -81,7 +90,7 @@ export async function timedIngest(
   }
 }
 
-export function runFloor(file: string, schemaDb: string, scratch: string): Promise<{ rows: number; parseMs: number; insertMs: number; totalMs: number }> {
+export function runFloor(file: string, schemaDb: string, scratch: string): Promise<{ rows: number; parseMs: number; insertMs: number; totalMs: number; cpuMs: number }> {
   return new Promise((resolve, reject) => {
     execFile(
       process.execPath,
@@ -105,6 +114,7 @@ export async function runIngest(opts: BenchOptions): Promise<IngestRow[]> {
         format,
         db: opts.db,
         seconds: r.seconds,
+        cpuS: Math.round(r.cpuSeconds * 10) / 10,
         entriesPerS: Math.round(entries / r.seconds),
         peakRssMb: mb(r.peakRssBytes),
         baseRssMb: mb(r.baseRssBytes),
@@ -121,6 +131,8 @@ export async function runIngest(opts: BenchOptions): Promise<IngestRow[]> {
         row.floorInsertS = floor.insertMs / 1000;
         row.ratioToFloor = r.seconds / row.floorTotalS;
         row.ratioToFloorInsert = r.seconds / row.floorInsertS;
+        row.floorCpuS = Math.round(floor.cpuMs / 100) / 10;
+        row.cpuRatioToFloor = r.cpuSeconds / (floor.cpuMs / 1000);
         for (const suffix of ['', '-wal', '-shm']) fs.rmSync(r.dbFile + suffix, { force: true });
       }
       log(JSON.stringify(row));

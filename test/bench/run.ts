@@ -7,6 +7,7 @@
  *   --replicas N            PostgreSQL: N service processes on one database for the RPC part
  *   --seconds S             duration of each RPC load run (default 10, quick 4)
  *   --log-level L           the service's LOG_LEVEL (default info, as deployed)
+ *   --usage-writer W        the service's USAGE_WRITER, thread or inline (default: the service's, thread on SQLite)
  *   --sizes N,M             ingestion sizes (default 100000,1000000; quick 100000; ingest-load takes the largest, default 1000000)
  *   --formats json,ndjson   ingestion formats (default both; ingest-load takes the first, default ndjson)
  *   --out PATH              results file (default ./bench-results.json)
@@ -56,6 +57,11 @@ export function parseArgs(argv: string[]): BenchOptions {
     } else if (name === '--replicas') opts.replicas = Math.max(1, Number(value()));
     else if (name === '--seconds') opts.rpcSeconds = Number(value());
     else if (name === '--log-level') opts.logLevel = value();
+    else if (name === '--usage-writer') {
+      const w = value();
+      if (w !== 'thread' && w !== 'inline') throw new Error('--usage-writer is thread or inline');
+      opts.usageWriter = w;
+    }
     else if (name === '--sizes') opts.sizes = value().split(',').map(Number);
     else if (name === '--formats') opts.formats = value().split(',') as BenchOptions['formats'];
     else if (name === '--out') opts.out = path.resolve(value());
