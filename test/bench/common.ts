@@ -223,7 +223,7 @@ function procStatusKb(pid: number, field: string): number {
 }
 
 /** utime + stime of a process from /proc/PID/stat, in seconds (fields 14 and 15, counted after the command's parenthesis). */
-export function procCpuSeconds(pid: number): number {
+function procCpuSeconds(pid: number): number {
   try {
     const text = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
     const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
