@@ -5,9 +5,12 @@
  * guarded by the status and attempt count they were read with, so a record
  * that another charger moved first is never moved twice (StaleRecord).
  *
- * A usage record is reserved `staging` when its run first bills its user, and
- * sealed (amount, lines, due at once) when the run has read its whole file. A
- * staging record is invisible: never charged, never listed, NOT_FOUND by id.
+ * A usage record is reserved `staging` when its run first bills its user. When
+ * the run has read its whole file, its records are prepared (description and
+ * line items; still staging, amount 0), then sealed: their amount becomes the
+ * sum of their lines, and they are due at once. Both happen in bounded
+ * transactions. A staging record is invisible and owes nothing: never charged,
+ * never listed, NOT_FOUND by id, amount 0 (it adds nothing to an unpaid total).
  *
  * Each change appends its event in the same transaction: billing_record.created
  * when a record becomes visible (createManual, sealUsageRecords; a staging
@@ -54,9 +57,9 @@ export interface LineDraft {
   amount: bigint;
 }
 
+/** What a staging usage record is prepared with before its run seals it; its amount will be the sum of its lines. */
 export interface UsageRecordDraft {
   id: number;
-  amount: bigint;
   description: string;
   lines: LineDraft[];
 }
@@ -72,12 +75,23 @@ export interface BillingRecordsRepository {
   /**
    * Inserts one staging USAGE record per user for an ingestion run (amount 0,
    * PENDING, not due), so usage rows can point at it before its lines are
-   * known; sealUsageRecords writes its amount and lines.
+   * known; prepareUsageRecords writes its lines, sealUsageRecords its amount.
    */
   reserveUsageRecords(tx: Tx, userIds: readonly number[], jobRunId: number, now: Date): Promise<Map<number, number>>;
-  /** Writes the amount, description and line items of staging records and makes them due at `now`. */
-  sealUsageRecords(tx: Tx, records: readonly UsageRecordDraft[], now: Date): Promise<void>;
-  /** Deletes the staging records of a run that will never seal them (its usage rows are gone first); returns how many. */
+  /** Writes the description and line items of staging records (they stay staging, amount 0); throws if one is not staging. */
+  prepareUsageRecords(tx: Tx, records: readonly UsageRecordDraft[]): Promise<void>;
+  /**
+   * Makes prepared staging records visible and due at `now`, each with the sum
+   * of its lines as its amount, and appends their billing_record.created
+   * events; throws if one is not staging. Returns their users.
+   */
+  sealUsageRecords(tx: Tx, ids: readonly number[], now: Date): Promise<number[]>;
+  /** Up to `limit` staging records of the run, in id order. */
+  stagingIds(tx: Tx, jobRunId: number, limit: number): Promise<number[]>;
+  /**
+   * Deletes the staging records of a run that will never seal them, with
+   * their line items (its usage rows are gone first); returns how many.
+   */
   discardStaging(tx: Tx, jobRunId: number): Promise<number>;
   /** A record and its lines as committed now, or NOT_FOUND. */
   view(id: number): Promise<RecordView>;
@@ -263,31 +277,17 @@ export function createBillingRecordsRepository(db: Database, events: EventsRepos
       return recordOf;
     },
 
-    async sealUsageRecords(tx, records, now) {
-      const at = now.getTime();
-      const created: NewEvent[] = [];
+    async prepareUsageRecords(tx, records) {
       for (let i = 0; i < records.length; i += SET_ROWS) {
         const part = records.slice(i, i + SET_ROWS);
-        // Due at once: the run charges them next, and if it dies first the retry scheduler does.
-        const sealed = await tx.all<{ id: number | string; user_id: number | string; job_run_id: number | string | null }>(
-          `update billing_records set amount = v.amount, description = v.description, staging = ?, next_attempt_at = ?, created_at = ?, updated_at = ?
-           from (select column1 as id, column2 as amount, column3 as description
-                 from (values ${part.map(() => '(cast(? as bigint), cast(? as bigint), ?)').join(', ')}) as t) as v
-           where billing_records.id = v.id and billing_records.staging = ?
-           returning billing_records.id, billing_records.user_id, billing_records.job_run_id`,
-          [false, at, at, at, ...part.flatMap((r) => [r.id, r.amount.toString(), r.description]), true],
+        const changed = await tx.run(
+          `update billing_records set description = v.description
+           from (select column1 as id, column2 as description from (values ${part.map(() => '(cast(? as bigint), ?)').join(', ')}) as t) as v
+           where billing_records.id = v.id and billing_records.staging = ?`,
+          [...part.flatMap((r) => [r.id, r.description]), true],
         );
-        if (sealed.length !== part.length) throw new Error('billing records of this run changed while ingesting; run aborted');
-        const byId = new Map(sealed.map((r) => [Number(r.id), r]));
-        for (const r of part) {
-          const row = byId.get(r.id)!;
-          const jobRunId = row.job_run_id === null ? 0 : Number(row.job_run_id);
-          created.push({ type: 'billing_record.created', userId: Number(row.user_id), refId: r.id, payload: { billingRecordId: r.id, amount: r.amount, jobRunId } });
-        }
+        if (changed !== part.length) throw new Error('billing records of this run changed while ingesting; run aborted');
       }
-      // The records become visible now: their events go in the same transaction, in record order.
-      created.sort((a, b) => a.refId! - b.refId!);
-      await events.append(tx, created, now);
       const lines = records.flatMap((r) => r.lines.map((l) => [r.id, l.service, l.quantity.toString(), l.unitPrice.toString(), l.amount.toString()]));
       for (let i = 0; i < lines.length; i += SET_ROWS) {
         const part = lines.slice(i, i + SET_ROWS);
@@ -295,12 +295,51 @@ export function createBillingRecordsRepository(db: Database, events: EventsRepos
           `insert into line_items (billing_record_id, service, quantity, unit_price, amount)
            values ${part.map(() => '(?, ?, cast(? as bigint), cast(? as bigint), cast(? as bigint))').join(', ')}`,
           part.flat(),
+          { keep: part.length === SET_ROWS },
         );
       }
     },
 
+    async sealUsageRecords(tx, ids, now) {
+      const at = now.getTime();
+      const created: NewEvent[] = [];
+      const users: number[] = [];
+      for (let i = 0; i < ids.length; i += SET_ROWS) {
+        const part = ids.slice(i, i + SET_ROWS);
+        // Due at once: the run charges them next, and if it dies first the retry scheduler does. The amount is
+        // the sum of the lines prepared (each within INT64_MAX, and so is their sum: the run checked).
+        const sealed = await tx.all<{ id: number | string; user_id: number | string; amount: string; job_run_id: number | string | null }>(
+          `update billing_records
+           set amount = (select coalesce(sum(li.amount), 0) from line_items li where li.billing_record_id = billing_records.id),
+               staging = ?, next_attempt_at = ?, created_at = ?, updated_at = ?
+           where id in (${placeholders(part.length)}) and staging = ?
+           returning id, user_id, cast(amount as text) as amount, job_run_id`,
+          [false, at, at, at, ...part, true],
+          { keep: part.length === SET_ROWS },
+        );
+        if (sealed.length !== part.length) throw new Error('billing records of this run changed while ingesting; run aborted');
+        for (const row of sealed) {
+          const id = Number(row.id);
+          const jobRunId = row.job_run_id === null ? 0 : Number(row.job_run_id);
+          created.push({ type: 'billing_record.created', userId: Number(row.user_id), refId: id, payload: { billingRecordId: id, amount: int64(row.amount), jobRunId } });
+          users.push(Number(row.user_id));
+        }
+      }
+      // The records become visible now: their events go in the same transaction, in record order.
+      created.sort((a, b) => a.refId! - b.refId!);
+      await events.append(tx, created, now);
+      return users;
+    },
+
+    async stagingIds(tx, jobRunId, limit) {
+      // `staging` as written in billing_records_staging_idx's predicate, so that the index serves it.
+      const rows = await tx.all<{ id: number | string }>('select id from billing_records where job_run_id = ? and staging order by id limit ?', [jobRunId, limit]);
+      return rows.map((r) => Number(r.id));
+    },
+
     async discardStaging(tx, jobRunId) {
-      return tx.run('delete from billing_records where job_run_id = ? and staging = ?', [jobRunId, true]);
+      await tx.run('delete from line_items where billing_record_id in (select id from billing_records where job_run_id = ? and staging)', [jobRunId]);
+      return tx.run('delete from billing_records where job_run_id = ? and staging', [jobRunId]);
     },
 
     async view(id) {

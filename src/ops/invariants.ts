@@ -50,7 +50,7 @@ export const INVARIANT_RULES: Readonly<Record<InvariantRule, string>> = Object.f
   pending_totals_match:
     "each user's pending totals (which the available balance subtracts) are exactly the PENDING usage of that live user, per service",
   staging_record_of_open_run:
-    'a staging usage record (not yet sealed, not chargeable) belongs to an ingestion run still storing its rows (or rolled back after a crash by the next run), is PENDING and unattempted, and has no line items yet',
+    'a staging usage record (not yet sealed, not chargeable) belongs to an ingestion run still storing its rows or sealing its records (after a crash, the next run rolls back the first and finishes the second), is PENDING and unattempted, and owes nothing (amount 0; its line items are written before it is sealed)',
   ledger_row_has_event:
     'every ledger row has exactly one wallet.credited (CREDIT) or wallet.debited (DEBIT) event of its user with ref_id = its id, and every such event has its row (rows older than the retention mark may have lost theirs)',
   billing_record_events:
@@ -266,7 +266,7 @@ const QUERIES: readonly Query[] = [
     sql: `select li.billing_record_id, li.service, cast(li.quantity as text) as quantity,
                  cast(coalesce(u.q_hi, 0) as text) as q_hi, cast(coalesce(u.q_lo, 0) as text) as q_lo
           from line_items li
-          join billing_records r on r.id = li.billing_record_id and r.kind = 'USAGE'
+          join billing_records r on r.id = li.billing_record_id and r.kind = 'USAGE' and not r.staging
           left join (select l.billing_record_id, l.service, ${splitSumRaw('l.quantity', 'q')}
                      from usage_logs l where l.status = 'BILLED' group by l.billing_record_id, l.service) u
             on u.billing_record_id = li.billing_record_id and u.service = li.service
@@ -309,15 +309,14 @@ const QUERIES: readonly Query[] = [
   },
   {
     rule: 'staging_record_of_open_run',
-    sql: `select r.id, r.job_run_id, r.status, r.attempt_count, u.state,
-                 (select count(*) from line_items li where li.billing_record_id = r.id) as lines
+    sql: `select r.id, r.job_run_id, r.status, r.attempt_count, cast(r.amount as text) as amount, u.state
           from billing_records r left join usage_runs u on u.job_run_id = r.job_run_id
-          where r.staging and (u.state is null or u.state <> 'STAGING' or r.status <> 'PENDING' or r.attempt_count <> 0
-                               or exists (select 1 from line_items li where li.billing_record_id = r.id))
+          where r.staging and (u.state is null or u.state not in ('STAGING', 'SEALING') or r.status <> 'PENDING' or r.attempt_count <> 0 or r.amount <> 0)
           order by r.id limit ?`,
     describe: (r) =>
       `staging billing record ${str(r.id)} of job run ${str(r.job_run_id)} (run ${r.state === null || r.state === undefined ? 'unknown' : str(r.state)}, ` +
-      `${str(r.status)}, ${str(r.attempt_count)} attempts, ${str(r.lines)} line items) should not exist: only a run still storing its rows has staging records`,
+      `${str(r.status)}, ${str(r.attempt_count)} attempts, amount ${m(r.amount)}) should not exist: only a run still storing its rows has staging ` +
+      `records (until it has sealed them all), unpaid, never attempted and owing nothing until sealed`,
   },
   {
     rule: 'deleted_user_settled',

@@ -15,13 +15,23 @@
  * (pointing at their user's record of this run, reserved `staging`: not
  * chargeable, not listed), PENDING with the reason, or REJECTED.
  *
- * When the file has been read to its end, one transaction seals the run: the
- * records get their amounts and line items (from the totals kept in memory)
- * and become due, and the run is marked SEALED. Until then nothing is billed
- * and the run's rows are not listed. A run that never seals (a malformed JSON
- * array, an unreadable file, a crash at any moment) is rolled back, by itself
- * or by the next run: its rows and staging records are deleted, and the next
- * read of the file finds its entries new and bills each once.
+ * When the file has been read to its end, the records are prepared: their
+ * descriptions and line items (from the totals kept in memory) are written in
+ * bounded transactions like the chunks, while the records are still staging.
+ * Then the run is decided: one transaction bills the earlier PENDING usage
+ * that joined its records (sealing those records), says why the rest of the
+ * PENDING usage waits, and marks the run SEALING. From then on its records
+ * are sealed in bounded transactions, a group at a time: each record's amount
+ * becomes the sum of its lines, it becomes due and visible with its event,
+ * and its user's balance alert is evaluated. The last one marks the run
+ * SEALED. So no write waits for more than a group, however many users a file
+ * bills. Until it is decided nothing is billed and the run's rows are not
+ * listed; a run that dies before (a malformed JSON array, an unreadable file,
+ * a crash at any moment) is rolled back, by itself or by the next run: its
+ * rows and staging records are deleted, and the next read of the file finds
+ * its entries new and bills each once. A run that dies SEALING is finished by
+ * the next run, which seals the records it left (its rows are listed once it
+ * has).
  */
 import type { Logger } from 'pino';
 import type { BillingService } from '../billing/billing.service';
@@ -76,11 +86,21 @@ export interface IngestRunDeps {
   alerts: Pick<BalanceAlerts, 'evaluate'>;
 }
 
-/** A sealed run: its counts (no charges yet), the records it made, and its new entries by what they became. */
+/** How the end of a run went (ms): its records prepared, then sealed, in bounded transactions. */
+export interface SealTimes {
+  prepareMs: number;
+  sealMs: number;
+  sealTransactions: number;
+  /** The longest sealing transaction: the longest any other write of the service waited for the seal. */
+  longestSealTxMs: number;
+}
+
+/** A sealed run: its counts (no charges yet), the records it made, its new entries by what they became, its seal. */
 export interface StagedRun {
   counts: IngestCounts;
   recordIds: number[];
   stored: UsageEntryCounts;
+  seal: SealTimes;
 }
 
 /** Reads the file, stores its entries and seals the run (its records made, not charged). */
@@ -116,6 +136,9 @@ const PENDING_PAGE = 5000;
 const ROLLBACK_ROWS = 5000;
 /** Batches read from the file ahead of the writer. */
 const READ_AHEAD = 4;
+/** Records prepared, or sealed, per group: a transaction of either lets a waiting writer in between groups. */
+const PREPARE_RECORDS = 500;
+const SEAL_RECORDS = 500;
 /** Conflicting producer ids named in a run's log line, at most. */
 const CONFLICT_IDS_LOGGED = 10;
 
@@ -204,7 +227,8 @@ export function createIngestService(deps: IngestDeps): IngestService {
   const runner = deps.runner ?? createIngestRunner(deps);
   return {
     async ingest(jobRunId) {
-      const { counts, recordIds, stored } = await runner.stage(jobRunId);
+      const { counts, recordIds, stored, seal } = await runner.stage(jobRunId);
+      deps.log.info({ jobRunId, records: recordIds.length, ...seal }, 'ingestion run sealed');
       // The run has sealed (committed): its new entries are counted once, by what they were stored as.
       metrics.usageEntriesStored(stored, 'file');
       const charged = await deps.billing.chargeNewRecords(recordIds);
@@ -464,44 +488,95 @@ export function createIngestRunner(deps: IngestRunDeps): IngestRunner {
         await usageLogs.insert(tx, rows);
       },
 
-      /**
-       * The file is read to its end: writes the records' amounts and lines and
-       * makes them due, bills the earlier PENDING usage that joined them, and
-       * marks the run SEALED, all in `tx`. Returns the record ids.
-       */
-      async seal(tx: Tx): Promise<{ ids: number[]; accepted: number; billed: number; rejected: number; pending: number; conflicts: number; conflictIds: string[] }> {
+      /** The file is read to its end: each record's description and lines, from the totals, in record order. */
+      drafts(): UsageRecordDraft[] {
         const drafts: UsageRecordDraft[] = [];
         for (const [userId, recordId] of recordOf) {
           const lines = [...totals.get(userId)!.entries()]
             .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
             .map(([service, l]) => ({ service, quantity: l.quantity, unitPrice: pricing.get(service)!, amount: l.amount }));
           const description = `Usage: ${lines.map((l) => `${formatDecimal(l.quantity, QUANTITY_SCALE)} ${l.service}`).join(', ')} (job run ${jobRunId})`;
-          drafts.push({ id: recordId, amount: recordAmount.get(userId)!, description, lines });
+          drafts.push({ id: recordId, description, lines });
         }
-        await records.sealUsageRecords(tx, drafts, clock.now());
-        for (const [userId, entries] of earlier) {
-          const linked = await usageLogs.linkToRecord(tx, userId, recordOf.get(userId)!, entries);
-          // Another writer billed some of these entries first: undo the whole run rather than bill twice.
-          if (linked !== entries.length) throw new Error(`usage of user ${userId} changed while billing; run aborted`);
+        return drafts.sort((a, b) => a.id - b.id);
+      },
+
+      /**
+       * The records are prepared: decides the run, in `tx`. The records of users
+       * with earlier PENDING usage are sealed here, with that usage billed (out
+       * of the pending totals in the same transaction as their record appears,
+       * so no balance ever counts it twice or not at all) and their alerts
+       * evaluated; the other PENDING usage is told why it waits; the run is
+       * SEALING (finishSealing seals the rest). Returns all its record ids.
+       */
+      async decide(tx: Tx): Promise<{ ids: number[]; accepted: number; billed: number; rejected: number; pending: number; conflicts: number; conflictIds: string[] }> {
+        const now = clock.now();
+        const withEarlier = [...earlier.keys()];
+        if (withEarlier.length > 0) {
+          await records.sealUsageRecords(tx, withEarlier.map((userId) => recordOf.get(userId)!).sort((a, b) => a - b), now);
+          for (const [userId, entries] of earlier) {
+            const linked = await usageLogs.linkToRecord(tx, userId, recordOf.get(userId)!, entries);
+            // Another writer billed some of these entries first: undo the whole run rather than bill twice.
+            if (linked !== entries.length) throw new Error(`usage of user ${userId} changed while billing; run aborted`);
+          }
+          await deps.alerts.evaluate(tx, withEarlier, now);
         }
-        // The run's usage counts now (its records' amounts, and the earlier usage they billed): one evaluation for its users.
-        await deps.alerts.evaluate(tx, [...recordOf.keys()], clock.now());
         const pending = await usageLogs.explainPending(tx, jobRunId, pricedServices, OVER_RECORD_LIMIT, overLimit);
-        await usageLogs.sealRun(tx, jobRunId);
-        return { ids: drafts.map((d) => d.id).sort((a, b) => a - b), accepted, billed, rejected, pending, conflicts, conflictIds };
+        await usageLogs.beginSealing(tx, jobRunId);
+        const ids = [...recordOf.values()].sort((a, b) => a - b);
+        return { ids, accepted, billed, rejected, pending, conflicts, conflictIds };
       },
     };
   }
 
   /**
-   * Rolls back what runs that never sealed (they died, or their file was
-   * unusable) stored: their rows, then their staging records, in bounded
-   * transactions. A rolled-back entry is new again, so the next read of its
-   * file bills it once.
+   * Seals the staging records a SEALING run has left, SEAL_RECORDS at a time:
+   * each group made due and visible with its events, and its users' balance
+   * alerts evaluated (their available balances move now). A transaction takes
+   * groups until another write waits (db.chunkDue). The one that finds none
+   * left marks the run SEALED. Returns how many it sealed and its longest
+   * transaction (ms).
+   */
+  async function finishSealing(jobRunId: number): Promise<{ records: number; transactions: number; longestMs: number }> {
+    const done = { records: 0, transactions: 0, longestMs: 0 };
+    for (let sealed = false; !sealed; ) {
+      let started = 0;
+      sealed = await db.transaction(async (tx) => {
+        started = performance.now();
+        do {
+          const ids = await records.stagingIds(tx, jobRunId, SEAL_RECORDS);
+          if (ids.length === 0) {
+            await usageLogs.sealRun(tx, jobRunId);
+            return true;
+          }
+          const now = clock.now();
+          await deps.alerts.evaluate(tx, await records.sealUsageRecords(tx, ids, now), now);
+          done.records += ids.length;
+          await new Promise<void>((resolve) => setImmediate(resolve)); // as for a batch of rows, in stage
+        } while (!db.chunkDue(started));
+        return false;
+      });
+      done.transactions++;
+      done.longestMs = Math.max(done.longestMs, performance.now() - started);
+    }
+    return done;
+  }
+
+  /**
+   * Settles the runs that never sealed. A STAGING run (it died, or its file
+   * was unusable) is rolled back: its rows, then its staging records, in
+   * bounded transactions; a rolled-back entry is new again, so the next read
+   * of its file bills it once. A SEALING run (it died after it was decided) is
+   * finished: its remaining records are sealed.
    */
   async function rollBackUnsealed(currentRun: number): Promise<void> {
     const runs = await db.transaction((tx) => usageLogs.unsealedRuns(tx, currentRun));
     for (const run of runs) {
+      if (run.state === 'SEALING') {
+        const { records: sealed } = await finishSealing(run.jobRunId);
+        log.warn({ jobRunId: run.jobRunId, records: sealed }, 'finished sealing the records of a run that stopped while it sealed them');
+        continue;
+      }
       let rows = 0;
       for (;;) {
         const deleted = await db.transaction(async (tx) => {
@@ -550,7 +625,8 @@ export function createIngestRunner(deps: IngestRunDeps): IngestRunner {
           throw err;
         }
       }
-      let sealed: Awaited<ReturnType<ReturnType<typeof createRun>['seal']>>;
+      let sealed: Awaited<ReturnType<ReturnType<typeof createRun>['decide']>>;
+      let seal: SealTimes;
       try {
         // One ingestion at a time, in this process and across replicas.
         sealed = await db.exclusive('ingestion', async () => {
@@ -573,7 +649,31 @@ export function createIngestRunner(deps: IngestRunDeps): IngestRunner {
                 }
               });
             }
-            return await db.transaction((tx) => run.seal(tx));
+            // The records' lines, in chunks as the rows were: still staging, so nothing is billed yet.
+            const drafts = run.drafts();
+            const prepareStarted = performance.now();
+            for (let next = 0; next < drafts.length; ) {
+              await db.transaction(async (tx) => {
+                const started = performance.now();
+                do {
+                  await records.prepareUsageRecords(tx, drafts.slice(next, next + PREPARE_RECORDS));
+                  next += PREPARE_RECORDS;
+                  await new Promise<void>((resolve) => setImmediate(resolve)); // as for a batch of rows, above
+                } while (next < drafts.length && !db.chunkDue(started));
+              });
+            }
+            const sealStarted = performance.now();
+            let decideStarted = 0;
+            const decided = await db.transaction((tx) => ((decideStarted = performance.now()), run.decide(tx)));
+            const decideMs = performance.now() - decideStarted;
+            const finished = await finishSealing(jobRunId);
+            seal = {
+              prepareMs: Math.round(sealStarted - prepareStarted),
+              sealMs: Math.round(performance.now() - sealStarted),
+              sealTransactions: finished.transactions + 1,
+              longestSealTxMs: Math.round(Math.max(decideMs, finished.longestMs)),
+            };
+            return decided;
           } catch (err) {
             // Nothing of this run is billed: its rows and staging records go (or the next run removes them).
             await rollBackUnsealed(0).catch((e: unknown) => log.error({ err: e, jobRunId }, 'rolling back a failed run failed; the next run will'));
@@ -605,7 +705,7 @@ export function createIngestRunner(deps: IngestRunDeps): IngestRunner {
         duplicate: counts.entriesDuplicate,
         conflict: sealed.conflicts,
       };
-      return { counts, recordIds, stored };
+      return { counts, recordIds, stored, seal: seal! };
     },
   };
 }

@@ -3,8 +3,9 @@
  * tables: usage entries are stored here, each once under its identity (unique
  * dedup_key), and PENDING entries are billed (linked to a record) or told why
  * they wait. An ingestion run stores its rows over several transactions;
- * `usage_runs` says whether it sealed them, so that the rows of a run that
- * never did can be rolled back. `usage_pending_totals` holds, per user and
+ * `usage_runs` says how far it got: STAGING (storing; a run that dies so is
+ * rolled back), SEALING (decided: its records are being made visible, and a
+ * run that dies so is finished by the next), SEALED, or ROLLED_BACK. `usage_pending_totals` holds, per user and
  * service, the total of the PENDING usage of live users; every method here
  * that adds, bills or deletes PENDING rows moves it in the same transaction.
  */
@@ -50,9 +51,13 @@ export interface StoredEvent {
   unsealedRun: number | null;
 }
 
-/** A run that stored rows and never sealed them (it died, or its file turned out unusable). */
+/**
+ * A run that stored rows and never sealed them all: STAGING (it died, or its
+ * file turned out unusable: rolled back) or SEALING (it died sealing: finished).
+ */
 export interface UnsealedRun {
   jobRunId: number;
+  state: 'STAGING' | 'SEALING';
   /** Every row of the run has an id at least this. */
   firstUsageId: number;
 }
@@ -78,12 +83,14 @@ export interface UsageFilter {
 export interface UsageLogsRepository {
   /** Records that `jobRunId` starts storing rows (state STAGING). */
   beginRun(tx: Tx, jobRunId: number): Promise<void>;
-  /** Marks the run's rows final (in the transaction that seals its records). */
+  /** The run has read its file and prepared its records: it is decided, and seals them from now on (SEALING). */
+  beginSealing(tx: Tx, jobRunId: number): Promise<void>;
+  /** Marks the run's rows final (SEALING -> SEALED, in the transaction that seals its last records). */
   sealRun(tx: Tx, jobRunId: number): Promise<void>;
-  /** Runs other than `except` still STAGING. */
+  /** Runs other than `except` still STAGING or SEALING, oldest first. */
   unsealedRuns(tx: Tx, except: number): Promise<UnsealedRun[]>;
   /**
-   * Deletes up to `limit` rows of an unsealed run; returns how many (0: none
+   * Deletes up to `limit` rows of a STAGING run; returns how many (0: none
    * left, and the run is then marked ROLLED_BACK).
    */
   rollBackSome(tx: Tx, run: UnsealedRun, limit: number): Promise<number>;
@@ -255,20 +262,26 @@ export function createUsageLogsRepository(db: Database): UsageLogsRepository {
       );
     },
 
-    async sealRun(tx, jobRunId) {
-      const changed = await tx.run(`update usage_runs set state = 'SEALED' where job_run_id = ? and state = 'STAGING'`, [jobRunId]);
+    async beginSealing(tx, jobRunId) {
+      const changed = await tx.run(`update usage_runs set state = 'SEALING' where job_run_id = ? and state = 'STAGING'`, [jobRunId]);
       if (changed !== 1) throw new Error(`ingestion run ${jobRunId} was rolled back while it ran`);
     },
 
+    async sealRun(tx, jobRunId) {
+      const changed = await tx.run(`update usage_runs set state = 'SEALED' where job_run_id = ? and state = 'SEALING'`, [jobRunId]);
+      if (changed !== 1) throw new Error(`ingestion run ${jobRunId} is not sealing`);
+    },
+
     async unsealedRuns(tx, except) {
-      const rows = await tx.all<{ job_run_id: number | string; first_usage_id: number | string }>(
-        `select job_run_id, first_usage_id from usage_runs where state = 'STAGING' and job_run_id <> ? order by job_run_id`,
+      const rows = await tx.all<{ job_run_id: number | string; first_usage_id: number | string; state: UnsealedRun['state'] }>(
+        `select job_run_id, first_usage_id, state from usage_runs where state in ('STAGING', 'SEALING') and job_run_id <> ? order by job_run_id`,
         [except],
       );
-      return rows.map((r) => ({ jobRunId: Number(r.job_run_id), firstUsageId: Number(r.first_usage_id) }));
+      return rows.map((r) => ({ jobRunId: Number(r.job_run_id), firstUsageId: Number(r.first_usage_id), state: r.state }));
     },
 
     async rollBackSome(tx, run, limit) {
+      if (run.state !== 'STAGING') throw new Error(`ingestion run ${run.jobRunId} is ${run.state}: it is finished, not rolled back`);
       const rows = await tx.all<{ id: number | string; user_id: number | string | null; service: string; quantity: string; counted: number | boolean }>(
         `select l.id, l.user_id, l.service, cast(l.quantity as text) as quantity,
                 (l.status = 'PENDING' and exists (select 1 from wallets w where w.user_id = l.user_id and w.closed_at is null)) as counted
@@ -276,7 +289,7 @@ export function createUsageLogsRepository(db: Database): UsageLogsRepository {
         [run.firstUsageId, run.jobRunId, limit],
       );
       if (rows.length === 0) {
-        await tx.run(`update usage_runs set state = 'ROLLED_BACK' where job_run_id = ?`, [run.jobRunId]);
+        await tx.run(`update usage_runs set state = 'ROLLED_BACK' where job_run_id = ? and state = 'STAGING'`, [run.jobRunId]);
         return 0;
       }
       const deltas = new Map<string, TotalsDelta & { userId: number; service: string }>();

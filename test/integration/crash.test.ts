@@ -442,3 +442,115 @@ describe('SIGKILL at an ingestion chunk boundary, restart, ingest again: every e
     }
   });
 });
+
+/**
+ * A run that has read its file is decided, and seals its records a group at a
+ * time (so no write waits for all of them). A kill while it seals them must
+ * leave a database the invariant checker accepts (some records sealed, the
+ * rest staging), and the next run must finish the dead one: every record
+ * sealed once with its event, every entry billed once, nothing rolled back.
+ */
+describe('SIGKILL while a run seals its records, restart, ingest again: the dead run is finished, every record sealed once', () => {
+  const ws = useProcessWorkspace('billing-seal-');
+  /** Enough users that sealing their records takes several groups (SEAL_RECORDS = 500) while credits wait. */
+  const SEAL_USERS = 1600;
+  const SEAL_SEEDS = SEEDS.slice(0, 3);
+  /** Seeds whose kill found the run SEALING with records still staging (the finish path really ran). */
+  const caught: number[] = [];
+
+  it.each(SEAL_SEEDS)('seed %i', async (seed) => {
+    const { dir, db, running } = ws;
+    const rand = mulberry32(seed);
+    const file = path.join(dir, 'usage.ndjson');
+    const env = { GRPC_PORT: '0', ...db.env, INGEST_CRON: 'off', LOG_FILE_PATH: file, LOG_LEVEL: 'info' };
+    const config: DatabaseConfig = db.env.DATABASE_URL ? { kind: 'postgresql', url: db.env.DATABASE_URL } : { kind: 'sqlite', path: db.env.DB_PATH };
+
+    let svc = await startServiceProcess(env);
+    running.push(svc);
+    const userIds: number[] = [];
+    await inPool(
+      Array.from({ length: SEAL_USERS }, (_, i) => i),
+      32,
+      () => false,
+      async (i) => {
+        const { user } = await call(svc.users, 'createUser', { email: `s${i}@example.com`, name: `S${i}`, requestId: `u-${i}` });
+        await call(svc.wallets, 'addFunds', { userId: user!.id, amount: money('1000'), requestId: `open-${i}` });
+        userIds.push(Number(user!.id));
+      },
+    );
+    const N = SEAL_USERS * 2;
+    const lines = Array.from({ length: N }, (_, k) =>
+      JSON.stringify({ id: `z${seed}-${k}`, userId: userIds[k % SEAL_USERS], service: SERVICES[k % 4], quantity: 1 + (k % 9), timestamp: '2025-03-01T00:00:00Z' }),
+    );
+    fs.writeFileSync(file, lines.join('\n') + '\n');
+    const extraMs = rand() < 0.5 ? 0 : 1 + Math.floor(rand() * 10);
+    const ctx = { seed, kill: `${extraMs} ms after the run began sealing` };
+
+    const side = await openDatabase(config, pino({ level: 'silent' }), { migrate: false });
+    try {
+      // Credits keep arriving, so each sealing transaction lets them in after a group.
+      let stop = false;
+      const credits = (async () => {
+        for (let i = 0; !stop; i++) {
+          await call(svc.wallets, 'addFunds', { userId: BigInt(userIds[i % 20]), amount: money('0.01'), requestId: `c-${i}` }).catch(() => undefined);
+        }
+      })();
+      void call(svc.jobs, 'processLogs', {}, { deadlineMs: 60_000 }).catch(() => undefined);
+      let state = '';
+      for (const until = Date.now() + 30_000; Date.now() < until && state !== 'SEALING' && state !== 'SEALED'; ) {
+        const rows = await side.fork().execute<{ state: string }[]>('select state from usage_runs');
+        state = rows[0]?.state ?? '';
+        if (state !== 'SEALING') await sleep(1);
+      }
+      if (extraMs) await sleep(extraMs);
+      svc.child.kill('SIGKILL');
+      stop = true;
+      await svc.exit;
+      await credits;
+      svc.close();
+
+      const em = side.fork();
+      const [{ state: atKill }] = await em.execute<{ state: string }[]>('select state from usage_runs');
+      const [{ staging }] = await em.execute<{ staging: number | string }[]>('select count(*) as staging from billing_records where staging = ?', [true]);
+      if (atKill === 'SEALING' && Number(staging) > 0) caught.push(seed);
+      // As the crash left it: a run caught sealing (some records visible, the rest staging) is not a violation.
+      const atCrash = await checkInvariants(side);
+      expect({ ...ctx, atKill, staging: Number(staging), violations: atCrash.violations }).toEqual({ ...ctx, atKill, staging: Number(staging), violations: [] });
+      expect({ ...ctx, decided: ['SEALING', 'SEALED'].includes(atKill) }).toEqual({ ...ctx, decided: true });
+
+      // Restart and ingest again: the dead run is finished (not rolled back); the file is all duplicates now.
+      svc = await startServiceProcess(env);
+      running.push(svc);
+      const run = (await call(svc.jobs, 'processLogs', {}, { deadlineMs: 60_000 })).jobRun!;
+      expect({ ...ctx, status: jobPb.JobRunStatus[run.status], duplicates: Number(run.entriesDuplicate), records: Number(run.billingRecordsCreated) }).toEqual({
+        ...ctx,
+        status: 'JOB_RUN_STATUS_SUCCEEDED',
+        duplicates: N,
+        records: 0,
+      });
+      const states = await em.execute<{ state: string }[]>('select state from usage_runs order by job_run_id');
+      expect({ ...ctx, states: states.map((s) => s.state) }).toEqual({ ...ctx, states: ['SEALED', 'SEALED'] });
+      const [{ billed, keys }] = await em.execute<{ billed: number | string; keys: number | string }[]>(
+        `select count(*) as billed, count(distinct dedup_key) as keys from usage_logs where status = 'BILLED'`,
+      );
+      expect({ ...ctx, billed: Number(billed), keys: Number(keys) }).toEqual({ ...ctx, billed: N, keys: N });
+      const [{ records, unsealed }] = await em.execute<{ records: number | string; unsealed: number | string }[]>(
+        `select count(*) as records, sum(case when staging then 1 else 0 end) as unsealed from billing_records where kind = 'USAGE'`,
+      );
+      expect({ ...ctx, records: Number(records), unsealed: Number(unsealed) }).toEqual({ ...ctx, records: SEAL_USERS, unsealed: 0 }); // one per user, all sealed
+      const report = await checkInvariants(side);
+      expect({ ...ctx, violations: report.violations }).toEqual({ ...ctx, violations: [] });
+      const { byType } = await eventSummary(side);
+      expect({ ...ctx, created: byType['billing_record.created'] }).toEqual({ ...ctx, created: SEAL_USERS });
+      svc.close();
+      svc.child.kill('SIGTERM');
+      await svc.exit;
+    } finally {
+      await side.close();
+    }
+  });
+
+  it('caught at least one run with records still staging, so the finishing path ran', () => {
+    expect(caught.length).toBeGreaterThan(0);
+  });
+});

@@ -140,4 +140,49 @@ describe('ingestion in chunks', () => {
     const { usageLogs } = await call(t.billing, 'listUsageLogs', { source: 0, userId: 0n, status: 0, pageSize: 500, pageToken: '' });
     expect(usageLogs).toHaveLength(500);
   });
+  it('a run that died while preparing its records (line items written, not sealed) is rolled back with them, and the file is billed once', async () => {
+    t = await startTestApp({}, { scheduler: false });
+    const ids = await users(3);
+    const N = 30;
+    writeNdjson(
+      path.join(t.dir, 'usage-logs.json'),
+      Array.from({ length: N }, (_, k) => entry(Number(ids[k % 3]), 'api-calls', 1, { id: `p-${k}` })),
+    );
+    // What a run killed between preparing and sealing leaves: every row stored BILLED, its staging records with
+    // their descriptions and line items (amount 0), the run STAGING.
+    await t.app.db.transaction(async (tx) => {
+      await tx.run(`insert into job_runs (id, kind, status, trigger, started_at) values (900, 'PROCESS_LOGS', 'RUNNING', 'rpc', 0)`, []);
+      await tx.run(`insert into usage_runs (job_run_id, first_usage_id, state) values (900, 1, 'STAGING')`, []);
+      for (const [u, userId] of ids.entries()) {
+        const [{ id: recordId }] = await tx.all<Row>(
+          `insert into billing_records (user_id, kind, amount, status, description, attempt_count, job_run_id, created_at, updated_at, staging)
+           values (?, 'USAGE', 0, 'PENDING', 'Usage: 10 api-calls (job run 900)', 0, 900, 0, 0, ?) returning id`,
+          [userId, true],
+        );
+        await tx.run(`insert into line_items (billing_record_id, service, quantity, unit_price, amount) values (?, 'api-calls', 10000000, 10000, 100000)`, [
+          recordId,
+        ]);
+        for (let k = u; k < N; k += 3) {
+          await tx.run(
+            `insert into usage_logs (dedup_key, user_id, service, quantity, usage_at, status, reason, billing_record_id, job_run_id, ingested_at, source)
+             values (?, ?, 'api-calls', 1000000, 0, 'BILLED', '', ?, 900, 0, 'FILE')`,
+            [`e:p-${k}`, userId, recordId],
+          );
+        }
+      }
+    });
+    expect((await checkInvariants(t.app.db)).violations).toEqual([]); // a run caught preparing is not a violation
+
+    const run = (await call(t.jobs, 'processLogs', {}, LONG)).jobRun!;
+    expect([run.status, run.entriesAccepted, run.entriesDuplicate, run.billingRecordsCreated]).toEqual([jobPb.JobRunStatus.JOB_RUN_STATUS_SUCCEEDED, 30n, 0n, 3n]);
+    expect((await q(`select state from usage_runs order by state`)).map((r) => r.state)).toEqual(['ROLLED_BACK', 'SEALED']);
+    // The dead run's records went with their line items; each entry is billed once, by the new run.
+    const [{ n: staging }] = await q(`select count(*) as n from billing_records where staging = ? or job_run_id = 900`, [true]);
+    expect(Number(staging)).toBe(0);
+    const lines = await q(`select cast(li.amount as text) as amount, r.status from line_items li join billing_records r on r.id = li.billing_record_id`);
+    expect(lines).toEqual(ids.map(() => ({ amount: '100000', status: 'PAID' })));
+    const [{ n: billed }] = await q(`select count(*) as n from usage_logs where status = 'BILLED' and job_run_id <> 900`);
+    expect(Number(billed)).toBe(N);
+    expect((await checkInvariants(t.app.db)).violations).toEqual([]);
+  });
 });

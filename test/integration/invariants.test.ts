@@ -381,6 +381,43 @@ describe('the invariant checker', () => {
     expect(report.violations).toEqual([]);
   });
 
+  /** A run caught after its file: a staging record prepared with its lines (earlier PENDING usage it bills not linked yet). */
+  async function preparedRun(tx: EntityManager, amount: number, state = 'STAGING'): Promise<void> {
+    const { id: userId } = await one(tx, `select id from users where deleted_at is null order by id`);
+    const [{ run }] = await tx.execute<Row[]>(`select max(id) + 1 as run from job_runs`);
+    await tx.execute(`insert into job_runs (id, kind, status, trigger, started_at) values (?, 'PROCESS_LOGS', 'RUNNING', 'rpc', 0)`, [run]);
+    await tx.execute(`insert into usage_runs (job_run_id, first_usage_id, state) values (?, 1000000, ?)`, [run, state]);
+    const [{ id: recordId }] = await tx.execute<Row[]>(
+      `insert into billing_records (user_id, kind, amount, status, description, attempt_count, job_run_id, created_at, updated_at, staging)
+       values (?, 'USAGE', ?, 'PENDING', 'Usage: 3 api-calls', 0, ?, 0, 0, ?) returning id`,
+      [userId, amount, run, true],
+    );
+    await tx.execute(
+      `insert into usage_logs (dedup_key, user_id, service, quantity, usage_at, status, reason, billing_record_id, job_run_id, ingested_at)
+       values ('e:prepared-1', ?, 'api-calls', 1000000, 0, 'BILLED', '', ?, ?, 0)`,
+      [userId, recordId, run],
+    );
+    // The line counts 3 calls: the run's 1 and 2 PENDING from an earlier run, linked when the run seals.
+    await tx.execute(`insert into line_items (billing_record_id, service, quantity, unit_price, amount) values (?, 'api-calls', 3000000, 10000, 30000)`, [
+      recordId,
+    ]);
+  }
+
+  it('accepts a run caught preparing its records (a staging record with its line items, amount 0)', async () => {
+    const report = await corrupted((tx) => preparedRun(tx, 0));
+    expect(report.violations).toEqual([]);
+  });
+
+  it('accepts a run caught sealing its records (a staging record of a SEALING run)', async () => {
+    const report = await corrupted((tx) => preparedRun(tx, 0, 'SEALING'));
+    expect(report.violations).toEqual([]);
+  });
+
+  it('reports a staging record that owes something before its run sealed it', async () => {
+    const report = await corrupted((tx) => preparedRun(tx, 30000));
+    expect(rulesOf(report)).toEqual(['staging_record_of_open_run']);
+  });
+
   it('reports a staging record whose run sealed or was rolled back, or that was charged', async () => {
     const sealed = await corrupted(async (tx) => {
       const { id } = await one(tx, `select id from billing_records where kind = 'USAGE' order by id`);

@@ -153,9 +153,11 @@ describe('RPC logging of the service process', () => {
     const before = await offsetPast(s, isAddFunds);
     await call(s.jobs, 'processLogs', {}, asOperator);
     const jobLines = await linesUntil(s, before, (l) => l.msg === 'rpc' && l.method === 'ProcessLogs');
-    expect(jobLines.map((l) => l.msg)).toEqual(['charge attempts (batch)', 'job run finished', 'rpc']);
-    expect(jobLines[1]).toMatchObject({ level: 30, kind: 'PROCESS_LOGS', status: 'SUCCEEDED', chargesSucceeded: 1 });
-    expect(summary(jobLines[2])).toEqual({ level: 30, msg: 'rpc', method: 'ProcessLogs', code: 'OK', caller: 'ops-alice' });
+    expect(jobLines.map((l) => l.msg)).toEqual(['ingestion run sealed', 'charge attempts (batch)', 'job run finished', 'rpc']);
+    expect(jobLines[0]).toMatchObject({ level: 30, records: 1 });
+    expect(typeof jobLines[0].longestSealTxMs).toBe('number');
+    expect(jobLines[2]).toMatchObject({ level: 30, kind: 'PROCESS_LOGS', status: 'SUCCEEDED', chargesSucceeded: 1 });
+    expect(summary(jobLines[3])).toEqual({ level: 30, msg: 'rpc', method: 'ProcessLogs', code: 'OK', caller: 'ops-alice' });
 
     expect(s.output()).not.toContain(SERVICE_TOKEN);
     expect(s.output()).not.toContain(OPERATOR_TOKEN);

@@ -10,6 +10,7 @@ import { Migration20261203000000Events } from './Migration20261203000000_events'
 import { Migration20261203000500EventsMark } from './Migration20261203000500_events_mark';
 import { Migration20261203010000JobConflicts } from './Migration20261203010000_job_conflicts';
 import { Migration20261203020000PendingIdIdx } from './Migration20261203020000_pending_id_idx';
+import { Migration20261207000000UsageRunSealing } from './Migration20261207000000_usage_run_sealing';
 
 /** Every migration, in order. Listed here so that compiled code and ts-jest find them alike. */
 export const migrationsList = [
@@ -25,4 +26,5 @@ export const migrationsList = [
   { name: 'Migration20261203000500_events_mark', class: Migration20261203000500EventsMark },
   { name: 'Migration20261203010000_job_conflicts', class: Migration20261203010000JobConflicts },
   { name: 'Migration20261203020000_pending_id_idx', class: Migration20261203020000PendingIdIdx },
+  { name: 'Migration20261207000000_usage_run_sealing', class: Migration20261207000000UsageRunSealing },
 ];
