@@ -197,6 +197,27 @@ export async function freshDb(opts: BenchOptions, label: string): Promise<BenchD
 // The service as a child process
 // ---------------------------------------------------------------------------
 
+/** What the service logged of an ingestion's end ("ingestion run sealed"), ms. */
+export interface LoggedSeal {
+  /** Writing the records' lines, in bounded transactions. */
+  prepareMs: number;
+  /** From deciding the run to its last record sealed, in bounded transactions. */
+  sealMs: number;
+  /** The longest of those sealing transactions: the longest the seal held the one writer, which every write waits for. */
+  longestSealTxMs: number;
+}
+
+/** The last ingestion seal logged in `logFile`; null when none was (a log level above info). */
+export function loggedSeal(logFile: string): LoggedSeal | null {
+  let found: LoggedSeal | null = null;
+  for (const line of fs.readFileSync(logFile, 'utf8').split('\n')) {
+    if (!line.includes('"ingestion run sealed"')) continue;
+    const { prepareMs, sealMs, longestSealTxMs } = JSON.parse(line) as LoggedSeal;
+    found = { prepareMs, sealMs, longestSealTxMs };
+  }
+  return found;
+}
+
 export interface ServiceProcess {
   pid: number;
   port: number;

@@ -10,7 +10,7 @@
  */
 import * as fs from 'node:fs';
 import * as jobPb from '../../generated/billing/v1/job_service';
-import { clients, closedLoop, freshDb, log, mb, pct, round, seedUsers, sleep, startService, unary, type BenchOptions, type Clients } from './common';
+import { clients, closedLoop, freshDb, log, loggedSeal, mb, pct, round, seedUsers, sleep, startService, unary, type BenchOptions, type Clients } from './common';
 import type { UsageFormat } from './data';
 import { FUNDS, USERS, timedIngest, usageFile } from './ingest';
 
@@ -43,6 +43,8 @@ export interface IngestLoadRow {
   peakRssMbWithLoad: number;
   status: string;
   addFundsCheck: string;
+  /** The longest sealing transaction of the run under load (the service's log): what a write may wait for at its end. */
+  longestSealTxMs?: number;
 }
 
 interface Loop {
@@ -136,6 +138,7 @@ export async function runIngestLoad(opts: BenchOptions): Promise<{ rows: IngestL
         (Number(run.entriesAccepted) !== entries ? ` (accepted ${run.entriesAccepted} of ${entries}!)` : '') +
         ` charged ${run.chargesSucceeded}`,
       addFundsCheck: `CREDIT rows ${credits - USERS} vs OK calls ${expected - USERS}${credits === expected ? '' : ' MISMATCH'}`,
+      longestSealTxMs: loggedSeal(svc.logFile)?.longestSealTxMs,
     };
     log(`ingest-load: ${JSON.stringify(row)} ${JSON.stringify(duringRows)}`);
     return { rows: [row], load: loadRows };

@@ -9,7 +9,7 @@ import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as jobPb from '../../generated/billing/v1/job_service';
-import { clients, freshDb, log, mb, paths, seedUsers, startService, unary, type BenchOptions } from './common';
+import { clients, freshDb, log, loggedSeal, mb, paths, seedUsers, startService, unary, type BenchOptions } from './common';
 import { writeUsageFile, type UsageFormat } from './data';
 
 export const USERS = 10_000;
@@ -37,6 +37,10 @@ export interface IngestRow {
   /** cpuS / floorCpuS: less moved by other work on a shared machine than the wall-clock ratio. */
   cpuRatioToFloor?: number;
   ratioToFloorInsert?: number;
+  /** From the service's log: the run's records prepared, then sealed (bounded transactions), and the longest of the latter. */
+  prepareMs?: number;
+  sealMs?: number;
+  longestSealTxMs?: number;
 }
 
 export function usageFile(opts: BenchOptions, entries: number, format: UsageFormat): string {
@@ -59,6 +63,8 @@ export interface IngestRun {
   dbFile?: string;
   /** ListUsageLogs probe results, when asked for. */
   probe?: unknown;
+  /** The seal the service logged, if it did. */
+  seal: ReturnType<typeof loggedSeal>;
 }
 
 /** Fresh database + service + 10k funded users, then one timed ProcessLogs. */
@@ -82,7 +88,7 @@ export async function timedIngest(
     const cpuSeconds = svc.cpuSeconds() - cpu0;
     const peakRssBytes = svc.peakRss();
     const probe = after ? await after(svc.address) : undefined;
-    return { seconds, cpuSeconds, peakRssBytes, baseRssBytes, jobRun: res.jobRun!, dbFile: db.file, probe };
+    return { seconds, cpuSeconds, peakRssBytes, baseRssBytes, jobRun: res.jobRun!, dbFile: db.file, probe, seal: loggedSeal(svc.logFile) };
   } finally {
     c.close();
     await svc.stop();
@@ -121,6 +127,7 @@ export async function runIngest(opts: BenchOptions): Promise<IngestRow[]> {
         recordsCreated: Number(r.jobRun.billingRecordsCreated),
         charged: Number(r.jobRun.chargesSucceeded),
         status: jobPb.JobRunStatus[r.jobRun.status].replace('JOB_RUN_STATUS_', '') + (r.jobRun.errorMessage ? ` ${r.jobRun.errorMessage}` : ''),
+        ...r.seal,
       };
       if (Number(r.jobRun.entriesAccepted) !== entries) row.status += ` (accepted ${r.jobRun.entriesAccepted} of ${entries}!)`;
       if (r.dbFile) {
