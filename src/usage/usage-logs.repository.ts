@@ -47,7 +47,7 @@ export interface StoredEvent {
   service: string;
   quantity: bigint;
   usageAt: number | null;
-  /** The ingestion run that stored it and has not sealed it yet (its rows may still be rolled back), else null. */
+  /** The ingestion run that stored it and is still STAGING (not decided: its rows may still be rolled back), else null. */
   unsealedRun: number | null;
 }
 
@@ -94,7 +94,7 @@ export interface UsageLogsRepository {
    * left, and the run is then marked ROLLED_BACK).
    */
   rollBackSome(tx: Tx, run: UnsealedRun, limit: number): Promise<number>;
-  /** True while the ingestion run `jobRunId` has stored rows it has not sealed or rolled back (committed read). */
+  /** True while the ingestion run `jobRunId` is STAGING: its rows may still be rolled back (committed read). */
   runIsOpen(jobRunId: number): Promise<boolean>;
   /** Which of `keys` are stored, with the run that stored each. */
   storedKeys(tx: Tx, keys: readonly string[]): Promise<Map<string, number>>;

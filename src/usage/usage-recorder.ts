@@ -161,9 +161,9 @@ export function createUsageRecorder(deps: UsageRecorderDeps): UsageRecorder {
         else valid.push(v);
       });
       if (valid.length === 0) return results as UsageEventResult[];
-      // An id stored by an ingestion run that has not sealed yet is undecided: the run may still roll its rows back
+      // An id stored by an ingestion run still reading its file is undecided: the run may still roll its rows back
       // (a cut file), and this event would be lost had it been answered DUPLICATE. Wait, outside any transaction,
-      // until that run has sealed or rolled back, then record the batch again.
+      // until that run is decided (SEALING or SEALED) or rolled back, then record the batch again.
       for (const giveUpAt = Date.now() + OPEN_RUN_WAIT_MS; ; ) {
         try {
           await recordOnce(signal, valid, results, now, after);

@@ -17,11 +17,11 @@ import pino from 'pino';
 import * as billingPb from '../../generated/billing/v1/billing_service';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import type { DatabaseConfig } from '../../src/config';
-import { openDatabase } from '../../src/db/database';
+import { openDatabase, type Database } from '../../src/db/database';
 import { checkInvariants } from '../../src/ops/invariants';
 import { eventSummary } from '../helpers/events';
 import { call, money } from '../helpers/harness';
-import { startServiceProcess, useProcessWorkspace } from '../helpers/service-process';
+import { startServiceProcess, useProcessWorkspace, type ServiceProcess } from '../helpers/service-process';
 import { mulberry32 } from '../helpers/prng';
 
 const DEFAULT_SEEDS = [11, 23, 37, 41, 59, 73];
@@ -93,6 +93,54 @@ async function inPool<T>(items: T[], width: number, stop: () => boolean, send: (
       while (!stop() && next < items.length) await send(items[next++]);
     }),
   );
+}
+
+/** An NDJSON file of `n` entries with ids `<prefix>-<k>`, round robin over `userIds` and the services. */
+function writeIdFile(file: string, prefix: string, n: number, userIds: number[]): void {
+  const lines = Array.from({ length: n }, (_, k) =>
+    JSON.stringify({ id: `${prefix}-${k}`, userId: userIds[k % userIds.length], service: SERVICES[k % 4], quantity: 1 + (k % 9), timestamp: '2025-03-01T00:00:00Z' }),
+  );
+  fs.writeFileSync(file, lines.join('\n') + '\n');
+}
+
+/** AddFunds one after another to the first 20 users until stopped (failures ignored: the service may be killed). */
+function keepCrediting(svc: ServiceProcess, userIds: number[]): { stop(): Promise<void> } {
+  let stop = false;
+  const credits = (async () => {
+    for (let i = 0; !stop; i++) {
+      await call(svc.wallets, 'addFunds', { userId: BigInt(userIds[i % 20]), amount: money('0.01'), requestId: `c-${i}` }).catch(() => undefined);
+    }
+  })();
+  return {
+    async stop() {
+      stop = true;
+      await credits;
+    },
+  };
+}
+
+/** The invariant checker's report on `side`, expected clean (`ctx` names the seed), and the events by type. */
+async function expectClean(side: Database, ctx: object) {
+  const report = await checkInvariants(side);
+  expect({ ...ctx, violations: report.violations }).toEqual({ ...ctx, violations: [] });
+  return { report, ...(await eventSummary(side)) };
+}
+
+/** Stops a service process with SIGTERM and waits for it to exit. */
+async function stopService(svc: ServiceProcess): Promise<void> {
+  svc.close();
+  svc.child.kill('SIGTERM');
+  await svc.exit;
+}
+
+/** A service process on the workspace's database, the cron off, its usage file `usage.ndjson` in the workspace. */
+async function startIngesting(ws: ReturnType<typeof useProcessWorkspace>) {
+  const file = path.join(ws.dir, 'usage.ndjson');
+  const env = { GRPC_PORT: '0', ...ws.db.env, INGEST_CRON: 'off', LOG_FILE_PATH: file, LOG_LEVEL: 'info' };
+  const config: DatabaseConfig = ws.db.env.DATABASE_URL ? { kind: 'postgresql', url: ws.db.env.DATABASE_URL } : { kind: 'sqlite', path: ws.db.env.DB_PATH };
+  const svc = await startServiceProcess(env);
+  ws.running.push(svc);
+  return { file, env, config, svc };
 }
 
 type Outcome = { ok: true; value: string } | { ok: false; code: grpc.status | 'NOT_SENT' };
@@ -294,10 +342,8 @@ describe('SIGKILL at a seeded moment, restart, finish: nothing lost, nothing twi
     const side = await openDatabase(config, pino({ level: 'silent' }), { migrate: false });
     try {
       const em = side.fork();
-      const report = await checkInvariants(side);
-      expect({ ...ctx, violations: report.violations }).toEqual({ ...ctx, violations: [] });
       // The event rules held over something: one event per ledger row, and per record created and settled.
-      const { byType, increasing } = await eventSummary(side);
+      const { report, byType, increasing } = await expectClean(side, ctx);
       const c = report.counts;
       expect({ ...ctx, increasing, credited: byType['wallet.credited'], debited: byType['wallet.debited'] }).toEqual({
         ...ctx,
@@ -351,15 +397,12 @@ describe('SIGKILL at an ingestion chunk boundary, restart, ingest again: every e
   const ws = useProcessWorkspace('billing-chunks-');
 
   it.each(SEEDS)('seed %i', async (seed) => {
-    const { dir, db, running } = ws;
+    const { running } = ws;
     const rand = mulberry32(seed);
     const between = (lo: number, hi: number) => lo + Math.floor(rand() * (hi - lo + 1));
-    const file = path.join(dir, 'usage.ndjson');
-    const env = { GRPC_PORT: '0', ...db.env, INGEST_CRON: 'off', LOG_FILE_PATH: file, LOG_LEVEL: 'info' };
-    const config: DatabaseConfig = db.env.DATABASE_URL ? { kind: 'postgresql', url: db.env.DATABASE_URL } : { kind: 'sqlite', path: db.env.DB_PATH };
-
-    let svc = await startServiceProcess(env);
-    running.push(svc);
+    const started = await startIngesting(ws);
+    const { file, env, config } = started;
+    let svc = started.svc;
     const userIds: number[] = [];
     for (let i = 0; i < 20; i++) {
       const { user } = await call(svc.users, 'createUser', { email: `b${i}@example.com`, name: `B${i}`, requestId: `u-${i}` });
@@ -367,10 +410,7 @@ describe('SIGKILL at an ingestion chunk boundary, restart, ingest again: every e
       userIds.push(Number(user!.id));
     }
     const N = 20_000;
-    const lines = Array.from({ length: N }, (_, k) =>
-      JSON.stringify({ id: `b${seed}-${k}`, userId: userIds[k % 20], service: SERVICES[k % 4], quantity: 1 + (k % 9), timestamp: '2025-03-01T00:00:00Z' }),
-    );
-    fs.writeFileSync(file, lines.join('\n') + '\n');
+    writeIdFile(file, `b${seed}`, N, userIds);
 
     const afterChunks = between(1, 4);
     const extraMs = rand() < 0.5 ? 0 : between(1, 15); // right at the boundary, or a little into the next chunk
@@ -379,12 +419,7 @@ describe('SIGKILL at an ingestion chunk boundary, restart, ingest again: every e
     const side = await openDatabase(config, pino({ level: 'silent' }), { migrate: false });
     try {
       // Credits keep arriving, so the run commits a chunk each time one waits.
-      let stop = false;
-      const credits = (async () => {
-        for (let i = 0; !stop; i++) {
-          await call(svc.wallets, 'addFunds', { userId: BigInt(userIds[i % 20]), amount: money('0.01'), requestId: `c-${i}` }).catch(() => undefined);
-        }
-      })();
+      const credits = keepCrediting(svc, userIds);
       void call(svc.jobs, 'processLogs', {}, { deadlineMs: 60_000 }).catch(() => undefined);
       let visible = 0;
       let chunks = 0;
@@ -399,9 +434,9 @@ describe('SIGKILL at an ingestion chunk boundary, restart, ingest again: every e
       }
       if (extraMs) await sleep(extraMs);
       svc.child.kill('SIGKILL');
-      stop = true;
+      const stopped = credits.stop();
       await svc.exit;
-      await credits;
+      await stopped;
       svc.close();
 
       // As the crash left it: a run caught storing its rows is not a violation.
@@ -426,17 +461,13 @@ describe('SIGKILL at an ingestion chunk boundary, restart, ingest again: every e
         // The killed run sealed if the kill came after its last chunk; else it was rolled back.
         states: states.length === 2 && states[0].state === 'SEALED' ? ['SEALED', 'SEALED'] : ['ROLLED_BACK', 'SEALED'],
       });
-      const report = await checkInvariants(side);
-      expect({ ...ctx, violations: report.violations }).toEqual({ ...ctx, violations: [] });
-      const { byType } = await eventSummary(side);
+      const { report, byType } = await expectClean(side, ctx);
       expect({ ...ctx, credited: byType['wallet.credited'], created: byType['billing_record.created'] }).toEqual({
         ...ctx,
         credited: report.counts.credits,
         created: report.counts.billingRecords.PAID + report.counts.billingRecords.PENDING + report.counts.billingRecords.FAILED,
       });
-      svc.close();
-      svc.child.kill('SIGTERM');
-      await svc.exit;
+      await stopService(svc);
     } finally {
       await side.close();
     }
@@ -459,14 +490,11 @@ describe('SIGKILL while a run seals its records, restart, ingest again: the dead
   const caught: number[] = [];
 
   it.each(SEAL_SEEDS)('seed %i', async (seed) => {
-    const { dir, db, running } = ws;
+    const { running } = ws;
     const rand = mulberry32(seed);
-    const file = path.join(dir, 'usage.ndjson');
-    const env = { GRPC_PORT: '0', ...db.env, INGEST_CRON: 'off', LOG_FILE_PATH: file, LOG_LEVEL: 'info' };
-    const config: DatabaseConfig = db.env.DATABASE_URL ? { kind: 'postgresql', url: db.env.DATABASE_URL } : { kind: 'sqlite', path: db.env.DB_PATH };
-
-    let svc = await startServiceProcess(env);
-    running.push(svc);
+    const started = await startIngesting(ws);
+    const { file, env, config } = started;
+    let svc = started.svc;
     const userIds: number[] = [];
     await inPool(
       Array.from({ length: SEAL_USERS }, (_, i) => i),
@@ -479,22 +507,14 @@ describe('SIGKILL while a run seals its records, restart, ingest again: the dead
       },
     );
     const N = SEAL_USERS * 2;
-    const lines = Array.from({ length: N }, (_, k) =>
-      JSON.stringify({ id: `z${seed}-${k}`, userId: userIds[k % SEAL_USERS], service: SERVICES[k % 4], quantity: 1 + (k % 9), timestamp: '2025-03-01T00:00:00Z' }),
-    );
-    fs.writeFileSync(file, lines.join('\n') + '\n');
+    writeIdFile(file, `z${seed}`, N, userIds);
     const extraMs = rand() < 0.5 ? 0 : 1 + Math.floor(rand() * 10);
     const ctx = { seed, kill: `${extraMs} ms after the run began sealing` };
 
     const side = await openDatabase(config, pino({ level: 'silent' }), { migrate: false });
     try {
       // Credits keep arriving, so each sealing transaction lets them in after a group.
-      let stop = false;
-      const credits = (async () => {
-        for (let i = 0; !stop; i++) {
-          await call(svc.wallets, 'addFunds', { userId: BigInt(userIds[i % 20]), amount: money('0.01'), requestId: `c-${i}` }).catch(() => undefined);
-        }
-      })();
+      const credits = keepCrediting(svc, userIds);
       void call(svc.jobs, 'processLogs', {}, { deadlineMs: 60_000 }).catch(() => undefined);
       let state = '';
       for (const until = Date.now() + 30_000; Date.now() < until && state !== 'SEALING' && state !== 'SEALED'; ) {
@@ -504,9 +524,9 @@ describe('SIGKILL while a run seals its records, restart, ingest again: the dead
       }
       if (extraMs) await sleep(extraMs);
       svc.child.kill('SIGKILL');
-      stop = true;
+      const stopped = credits.stop();
       await svc.exit;
-      await credits;
+      await stopped;
       svc.close();
 
       const em = side.fork();
@@ -538,13 +558,9 @@ describe('SIGKILL while a run seals its records, restart, ingest again: the dead
         `select count(*) as records, sum(case when staging then 1 else 0 end) as unsealed from billing_records where kind = 'USAGE'`,
       );
       expect({ ...ctx, records: Number(records), unsealed: Number(unsealed) }).toEqual({ ...ctx, records: SEAL_USERS, unsealed: 0 }); // one per user, all sealed
-      const report = await checkInvariants(side);
-      expect({ ...ctx, violations: report.violations }).toEqual({ ...ctx, violations: [] });
-      const { byType } = await eventSummary(side);
+      const { byType } = await expectClean(side, ctx);
       expect({ ...ctx, created: byType['billing_record.created'] }).toEqual({ ...ctx, created: SEAL_USERS });
-      svc.close();
-      svc.child.kill('SIGTERM');
-      await svc.exit;
+      await stopService(svc);
     } finally {
       await side.close();
     }

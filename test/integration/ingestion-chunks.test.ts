@@ -140,6 +140,7 @@ describe('ingestion in chunks', () => {
     const { usageLogs } = await call(t.billing, 'listUsageLogs', { source: 0, userId: 0n, status: 0, pageSize: 500, pageToken: '' });
     expect(usageLogs).toHaveLength(500);
   });
+
   it('a run that died while preparing its records (line items written, not sealed) is rolled back with them, and the file is billed once', async () => {
     t = await startTestApp({}, { scheduler: false });
     const ids = await users(3);
