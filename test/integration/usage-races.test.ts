@@ -59,6 +59,33 @@ describe('usage over gRPC and an ingestion run that has not sealed yet', () => {
     ]);
   });
 
+  it('an event whose id a run stored is DUPLICATE at once when that run has read its file and is sealing its records (decided)', async () => {
+    t = await startTestApp({}, { scheduler: false });
+    const { user } = await call(t.users, 'createUser', { email: 's@example.com', name: 'S', requestId: '' });
+    const u = Number(user!.id);
+    // What a run killed while sealing leaves (or one still sealing): its rows stored, its record staging, the run SEALING.
+    const held = await t.app.db.transaction(async (tx) => {
+      await tx.run(`insert into job_runs (id, kind, status, trigger, started_at) values (900, 'PROCESS_LOGS', 'RUNNING', 'rpc', 0)`, []);
+      await tx.run(`insert into usage_runs (job_run_id, first_usage_id, state) values (900, 1, 'SEALING')`, []);
+      const [{ id: recordId }] = await tx.all<{ id: number }>(
+        `insert into billing_records (user_id, kind, amount, status, description, attempt_count, job_run_id, created_at, updated_at, staging)
+         values (?, 'USAGE', 0, 'PENDING', 'Usage: 10 api-calls (job run 900)', 0, 900, 0, 0, ?) returning id`,
+        [u, true],
+      );
+      await tx.run(`insert into line_items (billing_record_id, service, quantity, unit_price, amount) values (?, 'api-calls', 10000000, 10000, 100000)`, [recordId]);
+      const [{ id }] = await tx.all<{ id: number }>(
+        `insert into usage_logs (dedup_key, user_id, service, quantity, usage_at, status, reason, billing_record_id, job_run_id, ingested_at, source)
+         values ('e:held', ?, 'api-calls', 10000000, ?, 'BILLED', '', ?, 900, 0, 'FILE') returning id`,
+        [u, T0.getTime(), recordId],
+      );
+      return Number(id);
+    });
+    // A run still reading its file would make this wait (up to 120 s, past the deadline); a decided one answers now.
+    const results = await recordUsage(t.usage, [event('held', u, 'api-calls', '10')], { deadlineMs: 10_000 });
+    expect(brief(results)).toEqual([['DUPLICATE', BigInt(held), '']]);
+    expect((await checkInvariants(t.app.db)).violations).toEqual([]);
+  });
+
   it('an event whose id a run stored and then rolled back (its file was cut) is recorded from gRPC, once', async () => {
     t = await startTestApp({}, { scheduler: false });
     const { u, run } = await runHolding({ id: 'overlap', service: 'api-calls', quantity: 10, timestamp: T0.toISOString() }, true);
