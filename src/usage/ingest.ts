@@ -653,13 +653,16 @@ export function createIngestRunner(deps: IngestRunDeps): IngestRunner {
             const drafts = run.drafts();
             const prepareStarted = performance.now();
             for (let next = 0; next < drafts.length; ) {
-              await db.transaction(async (tx) => {
+              // Where the next transaction starts: past what this one committed.
+              next = await db.transaction(async (tx) => {
                 const started = performance.now();
+                let at = next;
                 do {
-                  await records.prepareUsageRecords(tx, drafts.slice(next, next + PREPARE_RECORDS));
-                  next += PREPARE_RECORDS;
+                  await records.prepareUsageRecords(tx, drafts.slice(at, at + PREPARE_RECORDS));
+                  at += PREPARE_RECORDS;
                   await new Promise<void>((resolve) => setImmediate(resolve)); // as for a batch of rows, above
-                } while (next < drafts.length && !db.chunkDue(started));
+                } while (at < drafts.length && !db.chunkDue(started));
+                return at;
               });
             }
             const sealStarted = performance.now();
@@ -675,7 +678,8 @@ export function createIngestRunner(deps: IngestRunDeps): IngestRunner {
             };
             return decided;
           } catch (err) {
-            // Nothing of this run is billed: its rows and staging records go (or the next run removes them).
+            // Not decided yet: nothing of this run is billed, its rows and staging records go (or the next run removes
+            // them). Decided (SEALING): the rest of its records are sealed (or the next run seals them).
             await rollBackUnsealed(0).catch((e: unknown) => log.error({ err: e, jobRunId }, 'rolling back a failed run failed; the next run will'));
             if (err instanceof UsageFileError || err instanceof UsageSourceError) throw unusable(err.message);
             throw err;
