@@ -3,7 +3,7 @@
  * guarded writes through the doors of the records, the ledger and the users.
  * One attempt on one record (CreateBillingRecord, ProcessBillingRecord,
  * settlement) or many at once (new usage records, due retries: one
- * transaction per BATCH records, a few set-based statements instead of a
+ * transaction per GROUP records, a few set-based statements instead of a
  * commit per record), with the same decision either way.
  *
  * One attempt on one record is a short write: on SQLite it goes through group
@@ -64,8 +64,15 @@ export interface ChargingDeps {
   metrics?: Metrics;
 }
 
-/** Records charged per transaction by the batched path. */
-const BATCH = 5000;
+/**
+ * Records charged by one transaction on the batched path, by trigger. New
+ * records come after an ingestion run, while other writes (top-ups, usage)
+ * go on: small transactions, so a write that arrives meanwhile waits for a
+ * few hundred records at most. Due retries in larger ones: smaller
+ * transactions made 10,000 retries due at once later (see README,
+ * Performance).
+ */
+const GROUP = { new: 500, retry: 5000 } as const;
 /** How often one record is read again after another charger moved it first, before the caller gets ABORTED. */
 const ROUNDS = 10;
 
@@ -177,10 +184,12 @@ export function createCharging(deps: ChargingDeps): Charging {
 
     async chargeMany(ids, trigger) {
       const counts = emptyRetryCounts();
-      for (let i = 0; i < ids.length; i += BATCH) {
-        const chunk = ids.slice(i, i + BATCH);
+      for (let i = 0; i < ids.length; i += GROUP[trigger]) {
+        const chunk = ids.slice(i, i + GROUP[trigger]);
+        let started = 0;
         try {
           const done = await db.transaction(async (tx) => {
+            started = performance.now();
             const now = clock.now();
             const read = await records.readForCharge(tx, chunk, trigger === 'retry' ? now : undefined);
             // In the given order (the order balances are drawn down in); a retry no longer due is simply absent.
@@ -188,14 +197,17 @@ export function createCharging(deps: ChargingDeps): Charging {
             const rows = chunk.flatMap((id) => byId.get(id) ?? []);
             return attempt(tx, rows, trigger, now);
           });
+          const ms = Math.round(performance.now() - started);
           if (done.retryAt !== null) deps.onRetryScheduled?.(new Date(done.retryAt));
           const batch = emptyRetryCounts();
+          const each = log.isLevelEnabled('debug');
           for (const { id, outcome } of done.outcomes) {
             tally(batch, outcome, done.suspended.has(id));
             observe(outcome, trigger, done.suspended.has(id));
+            if (each && outcome !== 'SKIPPED') log.debug({ billingRecordId: id, trigger, outcome }, 'charge attempt');
           }
           addCounts(counts, batch);
-          log.info({ trigger, records: chunk.length, ...batch }, 'charge attempts (batch)');
+          log.info({ trigger, records: chunk.length, ms, ...batch }, 'charge attempts (batch)');
         } catch (err) {
           if (!conflict(err)) throw err;
           log.info({ records: chunk.length, trigger }, 'batch charge met a concurrent change; charging one by one');

@@ -156,6 +156,8 @@ describe('RPC logging of the service process', () => {
     expect(jobLines.map((l) => l.msg)).toEqual(['ingestion run sealed', 'charge attempts (batch)', 'job run finished', 'rpc']);
     expect(jobLines[0]).toMatchObject({ level: 30, records: 1 });
     expect(typeof jobLines[0].longestSealTxMs).toBe('number');
+    expect(jobLines[1]).toMatchObject({ level: 30, trigger: 'new', records: 1, chargesSucceeded: 1 });
+    expect(typeof jobLines[1].ms).toBe('number');
     expect(jobLines[2]).toMatchObject({ level: 30, kind: 'PROCESS_LOGS', status: 'SUCCEEDED', chargesSucceeded: 1 });
     expect(summary(jobLines[3])).toEqual({ level: 30, msg: 'rpc', method: 'ProcessLogs', code: 'OK', caller: 'ops-alice' });
 
@@ -184,5 +186,28 @@ describe('RPC logging of the service process', () => {
     expect(lines.filter((l) => l.code !== 'UNAUTHENTICATED').every((l) => l.caller === 'checkout')).toBe(true);
     expect(s.output()).not.toContain(SERVICE_TOKEN);
     expect(s.output()).not.toContain(OPERATOR_TOKEN);
+  });
+
+  it('with LOG_LEVEL=debug a batch of charges also writes each record charged, at debug', async () => {
+    const s = await serve({ LOG_LEVEL: 'debug' });
+    const ids: number[] = [];
+    for (const [i, funds] of ['5', '0'].entries()) {
+      const { user } = await call(s.users, 'createUser', { email: `each-${i}@example.com`, name: 'E', requestId: '' }, asService);
+      if (funds !== '0') await call(s.wallets, 'addFunds', { userId: user!.id, amount: money(funds), requestId: `each-${i}` }, asService);
+      ids.push(Number(user!.id));
+    }
+    fs.writeFileSync(
+      path.join(dir, 'usage.ndjson'),
+      ids.map((userId) => `${JSON.stringify({ userId, service: 'api-calls', quantity: 100, timestamp: '2024-01-15T10:00:00Z' })}\n`).join(''),
+    );
+    const before = await offsetPast(s, isAddFunds);
+    await call(s.jobs, 'processLogs', {}, asOperator);
+    const lines = await linesUntil(s, before, (l) => l.msg === 'rpc' && l.method === 'ProcessLogs');
+    const each = lines.filter((l) => l.msg === 'charge attempt');
+    expect(each.map((l) => ({ level: l.level, trigger: l.trigger, outcome: l.outcome }))).toEqual([
+      { level: 20, trigger: 'new', outcome: 'CHARGED' },
+      { level: 20, trigger: 'new', outcome: 'RETRY_SCHEDULED' },
+    ]);
+    expect(lines.find((l) => l.msg === 'charge attempts (batch)')).toMatchObject({ level: 30, records: 2, chargesSucceeded: 1, retriesScheduled: 1 });
   });
 });

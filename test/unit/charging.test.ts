@@ -18,9 +18,12 @@ const row: ChargeRow = { id: 7, userId: 3, amount: 5_000_000n, status: 'PENDING'
 /**
  * Charging over fakes of its doors and a real GroupCommit on a fake
  * transaction (what db.groupWrite is on SQLite): `groups` counts the shared
- * transactions, `statements` the savepoint statements run in them.
+ * transactions, `statements` the savepoint statements run in them. The
+ * batched path's transactions (db.transaction) are counted in `batches`;
+ * `committed` lists the records whose transitions committed (a batch that
+ * throws is rolled back), and `reads` each readForCharge's ids.
  */
-function setUp(apply: BillingRecordsRepository['apply']) {
+function setUp(apply: BillingRecordsRepository['apply'], balance = 10_000_000n) {
   const statements: string[] = [];
   const tx = {
     em: { clear: () => undefined },
@@ -34,19 +37,38 @@ function setUp(apply: BillingRecordsRepository['apply']) {
     groups++;
     return work(tx);
   });
+  const committed: number[] = [];
+  let open: number[] | null = null;
+  let batches = 0;
   const db = {
     groupWrite: <T>(work: (t: Tx) => Promise<T>, opts?: TransactionOptions) => group.submit(work, opts?.signal),
+    async transaction<T>(work: (t: Tx) => Promise<T>) {
+      batches++;
+      open = [];
+      try {
+        const value = await work(tx);
+        committed.push(...open);
+        return value;
+      } finally {
+        open = null;
+      }
+    },
   } as unknown as Database;
   const read: number[] = [];
+  const reads: number[][] = [];
   const records = {
     readForCharge: async (_tx: Tx, ids: number[]) => {
       read.push(...ids);
+      reads.push([...ids]);
       return ids.map((id) => ({ ...row, id }));
     },
-    apply,
+    async apply(t: Tx, transitions: Parameters<BillingRecordsRepository['apply']>[1], at: Date) {
+      await apply(t, transitions, at);
+      (open ?? committed).push(...transitions.map((tr) => tr.row.id));
+    },
   } as unknown as BillingRecordsRepository;
   const ledger = {
-    lockBalances: async () => new Map([[3, 10_000_000n]]),
+    lockBalances: async () => new Map([[3, balance]]),
     debit: async () => ({}),
     debitMany: async () => true,
   } as unknown as LedgerRepository;
@@ -60,8 +82,11 @@ function setUp(apply: BillingRecordsRepository['apply']) {
     ledger,
     users,
   });
-  return { charging, transactions: () => groups, statements, read };
+  return { charging, transactions: () => groups, statements, read, reads, committed, batches: () => batches };
 }
+
+const ids = (n: number) => Array.from({ length: n }, (_, i) => i + 1);
+const sizes = (reads: number[][]) => reads.map((r) => r.length);
 
 describe('charging one record', () => {
   it('reads the record again when another charger moved it first, and succeeds once the write holds', async () => {
@@ -112,5 +137,43 @@ describe('charging one record', () => {
     gone.abort(new AppError('CANCELLED', 'CALL_CANCELLED', 'gone'));
     await expect(charging.chargeOne(7, 'manual', gone.signal)).rejects.toMatchObject({ kind: 'CANCELLED' });
     expect(read).toEqual([]);
+  });
+});
+
+describe('charging many records (new records, due retries)', () => {
+  const plenty = 1_000_000_000_000n;
+
+  it('charges new records 500 to a transaction, so a write that arrives meanwhile waits for 500 at most', async () => {
+    const { charging, reads, committed, batches } = setUp(async () => undefined, plenty);
+    const counts = await charging.chargeMany(ids(1200), 'new');
+    expect(counts).toEqual({ chargesSucceeded: 1200, retriesScheduled: 0, recordsFailed: 0, usersSuspended: 0 });
+    expect(sizes(reads)).toEqual([500, 500, 200]);
+    expect(batches()).toBe(3);
+    expect(committed).toEqual(ids(1200));
+  });
+
+  it('charges due retries 5,000 to a transaction', async () => {
+    const { charging, reads, committed, batches } = setUp(async () => undefined, plenty);
+    const counts = await charging.chargeMany(ids(6000), 'retry');
+    expect(counts.chargesSucceeded).toBe(6000);
+    expect(sizes(reads)).toEqual([5000, 1000]);
+    expect(batches()).toBe(2);
+    expect(committed).toEqual(ids(6000));
+  });
+
+  it('a transaction that met a concurrent change is rolled back and its records are charged one at a time; the others stay batches; each record once', async () => {
+    let lost = false;
+    const { charging, reads, committed, batches, transactions } = setUp(async (_tx, transitions) => {
+      if (!lost && transitions.some((t) => t.row.id === 700)) {
+        lost = true;
+        throw new StaleRecord();
+      }
+    }, plenty);
+    const counts = await charging.chargeMany(ids(1500), 'new');
+    expect(counts.chargesSucceeded).toBe(1500);
+    expect(sizes(reads)).toEqual([500, 500, ...Array(500).fill(1), 500]);
+    expect(batches()).toBe(3);
+    expect(transactions()).toBe(500);
+    expect(committed).toEqual(ids(1500));
   });
 });
