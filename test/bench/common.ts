@@ -38,6 +38,8 @@ export interface BenchOptions {
   /** Ingestion sizes and formats (default: 100k and 1M, or 100k with --quick; both formats). */
   sizes?: number[];
   formats?: ('json' | 'ndjson')[];
+  /** Ingestion: also run the raw floor with other designs of the identity index (floor-sqlite.ts `key`). */
+  floorKeys?: boolean;
 }
 
 /** The compiled tree this file runs from (dist/ for `npm run bench`). */
@@ -84,6 +86,24 @@ export function freePort(): Promise<number> {
       srv.close(() => resolve(port));
     });
   });
+}
+
+/** A helper server process (trivial-server.js or floor-server.js) on a free port. */
+export async function startHelper(script: string, args: string[] = []): Promise<{ port: number; stop(): Promise<void> }> {
+  const port = await freePort();
+  const child = spawn(process.execPath, [paths.benchJs(script), String(port), ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+  await new Promise<void>((resolve, reject) => {
+    child.stdout!.on('data', (d: Buffer) => d.toString().includes('ready') && resolve());
+    child.on('exit', (code) => reject(new Error(`${script} exited ${code}`)));
+  });
+  return {
+    port,
+    stop: () =>
+      new Promise<void>((resolve) => {
+        child.on('exit', () => resolve());
+        child.kill('SIGTERM');
+      }),
+  };
 }
 
 // ---------------------------------------------------------------------------

@@ -4,7 +4,7 @@
  * package under @mikro-orm/better-sqlite), the service's pragmas, one
  * transaction and multi-row prepared INSERTs.
  *
- *   node dist/test/bench/floor-sqlite.js <usage file> <migrated db> <scratch db> [rows per statement] [extra pragmas]
+ *   node dist/test/bench/floor-sqlite.js <usage file> <migrated db> <scratch db> [rows per statement] [extra pragmas] [key]
  *
  * The schema is copied from a database the service migrated, so indexes and
  * foreign keys are the real ones. Prints one JSON line:
@@ -12,12 +12,21 @@
  * parseMs: read + JSON.parse + validate-free row building (identity hash and
  * occurrence number as the service computes them); insertMs: the inserts and
  * the commit alone; cpuMs: this process's CPU time (user + system) over both.
+ *
+ * `key` measures other designs of the identity index (`npm run bench --
+ * --floor-keys`): `text` (the default) is the service's, a unique index on
+ * the dedup_key text, in random order; `int` keeps the text in the row but
+ * makes the unique index a 64-bit integer (the first 8 bytes of the key's
+ * SHA-256; the service would also need the text to tell two keys apart);
+ * `none` has no identity index at all (not exactly-once: a bound, not a
+ * design).
  */
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import { removeDb, scratchWithSchema } from './floor-schema';
 
-const COLUMNS = ['dedup_key', 'user_id', 'service', 'quantity', 'usage_at', 'status', 'reason', 'billing_record_id', 'job_run_id', 'ingested_at'];
+const TEXT_COLUMNS = ['dedup_key', 'user_id', 'service', 'quantity', 'usage_at', 'status', 'reason', 'billing_record_id', 'job_run_id', 'ingested_at'];
+type KeyDesign = 'text' | 'int' | 'none';
 
 /** "12.5" -> "12500000" (quantity scaled by 10^6), enough for the generated files. */
 function scaled(text: string): string {
@@ -26,14 +35,20 @@ function scaled(text: string): string {
 }
 
 async function main(): Promise<void> {
-  const [file, schemaDb, scratch, rowsArg, extraPragmas] = process.argv.slice(2);
-  const rowsPerStmt = Number(rowsArg ?? 200);
+  const [file, schemaDb, scratch, rowsArg, extraPragmas, keyArg] = process.argv.slice(2);
+  const rowsPerStmt = Number(rowsArg || 200);
+  const key = (keyArg || 'text') as KeyDesign;
+  if (!['text', 'int', 'none'].includes(key)) throw new Error(`key is text, int or none, not ${keyArg}`);
   let peak = 0;
   const sampler = setInterval(() => (peak = Math.max(peak, process.memoryUsage.rss())), 20);
 
   // Same schema as the service's (copied from a migrated database).
   const db = scratchWithSchema(schemaDb, scratch);
   if (extraPragmas) db.exec(extraPragmas); // experiments only: pragmas or schema changes after the copy
+  if (key !== 'text') db.exec('drop index usage_logs_dedup_unique');
+  if (key === 'int') db.exec('alter table usage_logs add column key64 integer; create unique index usage_logs_key64_unique on usage_logs (key64)');
+  const COLUMNS = key === 'int' ? [...TEXT_COLUMNS, 'key64'] : TEXT_COLUMNS;
+  const onConflict = key === 'text' ? ' on conflict (dedup_key) do nothing' : key === 'int' ? ' on conflict (key64) do nothing' : '';
 
   const t0 = performance.now();
   const c0 = process.cpuUsage();
@@ -55,7 +70,9 @@ async function main(): Promise<void> {
     const n = (seen.get(h) ?? 0) + 1;
     seen.set(h, n);
     users.add(e.userId);
-    rows[i] = [`c:${h}:${n}`, e.userId, e.service, q, at, 'BILLED', '', e.userId, 1, now];
+    const dedupKey = `c:${h}:${n}`;
+    rows[i] = [dedupKey, e.userId, e.service, q, at, 'BILLED', '', e.userId, 1, now];
+    if (key === 'int') rows[i].push(createHash('sha256').update(dedupKey).digest().readBigInt64BE(0));
   }
   const t1 = performance.now();
   const parseCpu = process.cpuUsage(c0);
@@ -81,7 +98,7 @@ async function main(): Promise<void> {
   const c2 = process.cpuUsage();
   db.exec('begin');
   const placeholders = (n: number) => Array.from({ length: n }, () => `(${COLUMNS.map(() => '?').join(', ')})`).join(', ');
-  const sql = (n: number) => `insert into usage_logs (${COLUMNS.join(', ')}) values ${placeholders(n)} on conflict (dedup_key) do nothing`;
+  const sql = (n: number) => `insert into usage_logs (${COLUMNS.join(', ')}) values ${placeholders(n)}${onConflict}`;
   const stmt = db.prepare(sql(rowsPerStmt));
   let i = 0;
   for (; i + rowsPerStmt <= rows.length; i += rowsPerStmt) {
@@ -99,7 +116,7 @@ async function main(): Promise<void> {
   clearInterval(sampler);
   removeDb(scratch);
   process.stdout.write(
-    JSON.stringify({ rows: n, rowsPerStmt, parseMs: t1 - t0, insertMs: t3 - t2, totalMs: t1 - t0 + (t3 - t2), cpuMs, peakRssBytes: peak }) + '\n',
+    JSON.stringify({ rows: n, rowsPerStmt, key, parseMs: t1 - t0, insertMs: t3 - t2, totalMs: t1 - t0 + (t3 - t2), cpuMs, peakRssBytes: peak }) + '\n',
   );
 }
 

@@ -37,6 +37,10 @@ export interface IngestRow {
   /** cpuS / floorCpuS: less moved by other work on a shared machine than the wall-clock ratio. */
   cpuRatioToFloor?: number;
   ratioToFloorInsert?: number;
+  /** --floor-keys: the floor's inserts with a unique 64-bit integer identity index instead of the text one. */
+  floorInsertIntKeyS?: number;
+  /** --floor-keys: the floor's inserts with no identity index at all (a bound: not exactly-once). */
+  floorInsertNoKeyIndexS?: number;
   /** From the service's log: the run's records prepared, then sealed (bounded transactions), and the longest of the latter. */
   prepareMs?: number;
   sealMs?: number;
@@ -96,11 +100,16 @@ export async function timedIngest(
   }
 }
 
-export function runFloor(file: string, schemaDb: string, scratch: string): Promise<{ rows: number; parseMs: number; insertMs: number; totalMs: number; cpuMs: number }> {
+export function runFloor(
+  file: string,
+  schemaDb: string,
+  scratch: string,
+  key: 'text' | 'int' | 'none' = 'text',
+): Promise<{ rows: number; parseMs: number; insertMs: number; totalMs: number; cpuMs: number }> {
   return new Promise((resolve, reject) => {
     execFile(
       process.execPath,
-      [paths.benchJs('floor-sqlite.js'), file, schemaDb, scratch],
+      [paths.benchJs('floor-sqlite.js'), file, schemaDb, scratch, '', '', key],
       { maxBuffer: 1 << 20 },
       (err, stdout, stderr) => (err ? reject(new Error(`floor failed: ${stderr}`)) : resolve(JSON.parse(stdout.trim()))),
     );
@@ -140,6 +149,15 @@ export async function runIngest(opts: BenchOptions): Promise<IngestRow[]> {
         row.ratioToFloorInsert = r.seconds / row.floorInsertS;
         row.floorCpuS = Math.round(floor.cpuMs / 100) / 10;
         row.cpuRatioToFloor = r.cpuSeconds / (floor.cpuMs / 1000);
+        if (opts.floorKeys) {
+          // The same floor with other designs of the identity index: what a new key design could give at most.
+          for (const key of ['int', 'none'] as const) {
+            log(`floor ${entries} ${format}, identity index: ${key}`);
+            const f = await runFloor(file, r.dbFile, r.dbFile + '.floor', key);
+            if (f.rows !== entries) throw new Error(`floor (${key}) stored ${f.rows} rows, expected ${entries}`);
+            row[key === 'int' ? 'floorInsertIntKeyS' : 'floorInsertNoKeyIndexS'] = f.insertMs / 1000;
+          }
+        }
         for (const suffix of ['', '-wal', '-shm']) fs.rmSync(r.dbFile + suffix, { force: true });
       }
       log(JSON.stringify(row));

@@ -16,7 +16,7 @@
  * flight, including the paths one repeated body cannot exercise: CreateUser
  * with fresh emails and ProcessBillingRecord charging a PENDING record.
  */
-import { execFile, execFileSync, spawn } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
@@ -26,8 +26,8 @@ import * as walletPb from '../../generated/billing/v1/wallet_service';
 import {
   clients,
   closedLoop,
-  freePort,
   freshDb,
+  startHelper,
   log,
   paths,
   pct,
@@ -204,24 +204,6 @@ async function timedLoop(concurrency: number, seconds: number, fn: (i: number) =
 }
 
 // ---------------------------------------------------------------------------
-
-/** A helper server process (trivial-server.js or floor-server.js) on a free port. */
-async function startHelper(script: string, args: string[] = []): Promise<{ port: number; stop(): Promise<void> }> {
-  const port = await freePort();
-  const child = spawn(process.execPath, [paths.benchJs(script), String(port), ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
-  await new Promise<void>((resolve, reject) => {
-    child.stdout!.on('data', (d: Buffer) => d.toString().includes('ready') && resolve());
-    child.on('exit', (code) => reject(new Error(`${script} exited ${code}`)));
-  });
-  return {
-    port,
-    stop: () =>
-      new Promise<void>((resolve) => {
-        child.on('exit', () => resolve());
-        child.kill('SIGTERM');
-      }),
-  };
-}
 
 /**
  * PENDING manual records, not scheduled (next_attempt_at null), for the real

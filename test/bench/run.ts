@@ -10,6 +10,7 @@
  *   --usage-writer W        the service's USAGE_WRITER, thread or inline (default: the service's, thread on SQLite)
  *   --sizes N,M             ingestion sizes (default 100000,1000000; quick 100000; ingest-load takes the largest, default 1000000)
  *   --formats json,ndjson   ingestion formats (default both; ingest-load takes the first, default ndjson)
+ *   --floor-keys            ingest: also the raw floor with an integer identity index and with none (SQLite)
  *   --out PATH              results file (default ./bench-results.json)
  *
  * Prints one table per part and writes everything to bench-results.json.
@@ -64,6 +65,7 @@ export function parseArgs(argv: string[]): BenchOptions {
     }
     else if (name === '--sizes') opts.sizes = value().split(',').map(Number);
     else if (name === '--formats') opts.formats = value().split(',') as BenchOptions['formats'];
+    else if (name === '--floor-keys') opts.floorKeys = true;
     else if (name === '--out') opts.out = path.resolve(value());
     else throw new Error(`unknown option ${arg}`);
   }
@@ -95,7 +97,7 @@ async function main(): Promise<void> {
       const r = await runIngestLoad(opts);
       results.ingestLoad = r;
       out.push(table(`Ingestion under load (${opts.db}; ProcessLogs alone and with AddFunds + GetBalance at ${LOAD_IN_FLIGHT} in flight each, fresh database each)`, r.rows as never));
-      out.push(table('Ingestion under load: latency of the calls (grpc-js client, ms; idle = the same load on the same service just before)', r.load as never));
+      out.push(table('Ingestion under load: latency of the calls (grpc-js client, ms; floor server, idle = the same load on raw better-sqlite3 behind grpc-js, same file; idle = on the service just before)', r.load as never));
       save();
     }
     if (opts.only.includes('rpc')) {
