@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import { checkInvariants } from '../../src/ops/invariants';
 import { call, money, startTestApp, type TestApp } from '../helpers/harness';
-import { entry, writeNdjson } from '../helpers/usage';
+import { entry, writeNdjson, type Entry } from '../helpers/usage';
 
 type Row = Record<string, unknown>;
 const LONG = { deadlineMs: 120_000 };
@@ -28,6 +28,17 @@ describe('ingestion in chunks', () => {
       await call(t.wallets, 'addFunds', { userId: user!.id, amount: money('100000'), requestId: '' });
       ids.push(user!.id);
     }
+    return ids;
+  }
+
+  /** A new app with `n` funded users and its usage file: `count` NDJSON entries, the k-th made by `make`. */
+  async function appWithFile(n: number, count: number, make: (ids: bigint[], k: number) => Entry): Promise<bigint[]> {
+    t = await startTestApp({}, { scheduler: false });
+    const ids = await users(n);
+    writeNdjson(
+      path.join(t.dir, 'usage-logs.json'),
+      Array.from({ length: count }, (_, k) => make(ids, k)),
+    );
     return ids;
   }
 
@@ -53,13 +64,8 @@ describe('ingestion in chunks', () => {
   }
 
   it('a long ingestion does not hold other writes: credits are answered while it runs, and it bills every entry once', async () => {
-    t = await startTestApp({}, { scheduler: false });
-    const ids = await users(20);
     const N = 60_000;
-    writeNdjson(
-      path.join(t.dir, 'usage-logs.json'),
-      Array.from({ length: N }, (_, k) => entry(Number(ids[k % 20]), 'api-calls', 1 + (k % 7), { id: `c-${k}` })),
-    );
+    const ids = await appWithFile(20, N, (u, k) => entry(Number(u[k % 20]), 'api-calls', 1 + (k % 7), { id: `c-${k}` }));
     const run = call(t.jobs, 'processLogs', {}, LONG).then((r) => r.jobRun!);
     await waitRunning();
     const during = await creditsDuring(run, ids[0]);
@@ -118,12 +124,7 @@ describe('ingestion in chunks', () => {
   });
 
   it('the rows of a run are listed only once it sealed them', async () => {
-    t = await startTestApp({}, { scheduler: false });
-    const ids = await users(5);
-    writeNdjson(
-      path.join(t.dir, 'usage-logs.json'),
-      Array.from({ length: 30_000 }, (_, k) => entry(Number(ids[k % 5]), 'compute', 1, { id: `l-${k}` })),
-    );
+    const ids = await appWithFile(5, 30_000, (u, k) => entry(Number(u[k % 5]), 'compute', 1, { id: `l-${k}` }));
     const seen = new Set<number>();
     const run = call(t.jobs, 'processLogs', {}, LONG).then((r) => r.jobRun!);
     await waitRunning();
@@ -142,13 +143,8 @@ describe('ingestion in chunks', () => {
   });
 
   it('a run that died while preparing its records (line items written, not sealed) is rolled back with them, and the file is billed once', async () => {
-    t = await startTestApp({}, { scheduler: false });
-    const ids = await users(3);
     const N = 30;
-    writeNdjson(
-      path.join(t.dir, 'usage-logs.json'),
-      Array.from({ length: N }, (_, k) => entry(Number(ids[k % 3]), 'api-calls', 1, { id: `p-${k}` })),
-    );
+    const ids = await appWithFile(3, N, (u, k) => entry(Number(u[k % 3]), 'api-calls', 1, { id: `p-${k}` }));
     // What a run killed between preparing and sealing leaves: every row stored BILLED, its staging records with
     // their descriptions and line items (amount 0), the run STAGING.
     await t.app.db.transaction(async (tx) => {

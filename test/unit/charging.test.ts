@@ -143,7 +143,7 @@ describe('charging one record', () => {
 describe('charging many records (new records, due retries)', () => {
   const plenty = 1_000_000_000_000n;
 
-  it('charges new records 500 to a transaction, so a write that arrives meanwhile waits for 500 at most', async () => {
+  it('charges new records 500 to a transaction', async () => {
     const { charging, reads, committed, batches } = setUp(async () => undefined, plenty);
     const counts = await charging.chargeMany(ids(1200), 'new');
     expect(counts).toEqual({ chargesSucceeded: 1200, retriesScheduled: 0, recordsFailed: 0, usersSuspended: 0 });
