@@ -123,6 +123,23 @@ describe('ingestion in chunks', () => {
     expect((await checkInvariants(t.app.db)).violations).toEqual([]);
   });
 
+  it('the run charges every record it sealed itself, 500 to a transaction, with the retry scheduler looking every millisecond', async () => {
+    // Sealed records are due at once (the scheduler's, should the run die first). A look of the scheduler between
+    // the run's charge transactions took the rest 5,000 to a transaction, and the run counted only its own.
+    const N = 1_200;
+    t = await startTestApp({}, { schedulerPollMs: 1 });
+    const ids = await users(N);
+    writeNdjson(
+      path.join(t.dir, 'usage-logs.json'),
+      ids.map((id, k) => entry(Number(id), 'api-calls', 1, { id: `s-${k}` })),
+    );
+    const run = (await call(t.jobs, 'processLogs', {}, LONG)).jobRun!;
+    expect([run.status, run.billingRecordsCreated, run.chargesSucceeded]).toEqual([jobPb.JobRunStatus.JOB_RUN_STATUS_SUCCEEDED, BigInt(N), BigInt(N)]);
+    const [{ n }] = await q(`select count(*) as n from billing_records where kind = 'USAGE' and status = 'PAID'`);
+    expect(Number(n)).toBe(N);
+    expect((await checkInvariants(t.app.db)).violations).toEqual([]);
+  });
+
   it('the rows of a run are listed only once it sealed them', async () => {
     const ids = await appWithFile(5, 30_000, (u, k) => entry(Number(u[k % 5]), 'compute', 1, { id: `l-${k}` }));
     const seen = new Set<number>();
