@@ -232,16 +232,22 @@ const placeholders = (n: number): string => Array.from({ length: n }, () => '?')
 
 
 /**
- * Not a record an ingestion run sealed and has not charged yet while that run
- * is still RUNNING (never attempted, of a RUNNING job run): the run charges
- * those itself, 500 to a transaction, right after sealing them. They are due
- * at once so that, should the run die, the retry scheduler charges them once
- * the run is closed (at start-up on SQLite, when its lease runs out on
- * PostgreSQL); a look of the scheduler between the run's transactions took
- * them 5,000 to a transaction instead, outside the run's counts.
+ * SQLite: not a record an ingestion run sealed and has not charged yet while
+ * that run is still RUNNING (never attempted, of a RUNNING job run). The run
+ * charges those itself, 500 to a transaction, right after sealing them; they
+ * are due at once so that the retry scheduler charges them should the run
+ * die. A look of the scheduler between the run's transactions took them 5,000
+ * to a transaction instead, outside the run's counts. On SQLite one process
+ * owns the database and closes the runs a crash cut off at its start, so a
+ * RUNNING run is a live one. On PostgreSQL a dead replica's run stays RUNNING
+ * until its lease (60 s) runs out: excluding its records there delayed their
+ * charge by that long after a crash (the crash test found it), so PostgreSQL
+ * keeps the race, whose charges the row locks keep exactly-once.
  */
-const NOT_A_RUNNING_RUNS_OWN = `not (attempt_count = 0 and job_run_id is not null and exists (select 1 from job_runs j where j.id = billing_records.job_run_id and j.status = 'RUNNING'))`;
+const NOT_A_RUNNING_RUNS_OWN = ` and not (attempt_count = 0 and job_run_id is not null and exists (select 1 from job_runs j where j.id = billing_records.job_run_id and j.status = 'RUNNING'))`;
+
 export function createBillingRecordsRepository(db: Database, events: EventsRepository): BillingRecordsRepository {
+  const notARunningRunsOwn = db.dialect === 'sqlite' ? NOT_A_RUNNING_RUNS_OWN : '';
   /** Moves each record of `list` from its read state with `set` (v.* are the per-row values). */
   async function moveMany(tx: Tx, list: readonly Transition[], set: string, setParams: unknown[], extra: (t: Transition) => unknown[], extraCols: string[]): Promise<void> {
     const cols = ['id', 'read_status', 'read_attempts', 'attempts', ...extraCols];
@@ -468,7 +474,7 @@ export function createBillingRecordsRepository(db: Database, events: EventsRepos
 
     async dueIds(em, now, limit) {
       const rows = await em.execute<{ id: number | string }[]>(
-        `select id from billing_records where status = 'PENDING' and next_attempt_at <= ? and ${NOT_A_RUNNING_RUNS_OWN} order by next_attempt_at, id limit ${Math.floor(limit)}`,
+        `select id from billing_records where status = 'PENDING' and next_attempt_at <= ?${notARunningRunsOwn} order by next_attempt_at, id limit ${Math.floor(limit)}`,
         [now.getTime()],
       );
       return rows.map((r) => Number(r.id));
@@ -476,7 +482,7 @@ export function createBillingRecordsRepository(db: Database, events: EventsRepos
 
     async nextDueTime(em) {
       const rows = await em.execute<{ at: number | string | null }[]>(
-        `select min(next_attempt_at) as at from billing_records where status = 'PENDING' and ${NOT_A_RUNNING_RUNS_OWN}`,
+        `select min(next_attempt_at) as at from billing_records where status = 'PENDING'${notARunningRunsOwn}`,
       );
       const at = rows[0]?.at;
       return at === null || at === undefined ? null : epochMs(at);

@@ -9,6 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as jobPb from '../../generated/billing/v1/job_service';
 import { checkInvariants } from '../../src/ops/invariants';
+import { onPostgres } from '../helpers/database';
 import { call, money, startTestApp, type TestApp } from '../helpers/harness';
 import { entry, writeNdjson, type Entry } from '../helpers/usage';
 
@@ -123,7 +124,9 @@ describe('ingestion in chunks', () => {
     expect((await checkInvariants(t.app.db)).violations).toEqual([]);
   });
 
-  it('the run charges every record it sealed itself, 500 to a transaction, with the retry scheduler looking every millisecond', async () => {
+  // SQLite only: on PostgreSQL a crashed replica's run stays RUNNING until its lease ends, so the scheduler there
+  // does not wait for RUNNING runs (billing/records.repository.ts, NOT_A_RUNNING_RUNS_OWN).
+  (onPostgres ? it.skip : it)('the run charges every record it sealed itself, 500 to a transaction, with the retry scheduler looking every millisecond', async () => {
     // Sealed records are due at once (the scheduler's, should the run die first). A look of the scheduler between
     // the run's charge transactions took the rest 5,000 to a transaction, and the run counted only its own.
     const N = 1_200;
