@@ -230,7 +230,6 @@ function transitionEvent({ row, decision }: Transition): NewEvent {
 
 const placeholders = (n: number): string => Array.from({ length: n }, () => '?').join(', ');
 
-
 /**
  * SQLite: not a record an ingestion run sealed and has not charged yet while
  * that run is still RUNNING (never attempted, of a RUNNING job run). The run

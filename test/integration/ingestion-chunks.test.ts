@@ -32,9 +32,14 @@ describe('ingestion in chunks', () => {
     return ids;
   }
 
-  /** A new app with `n` funded users and its usage file: `count` NDJSON entries, the k-th made by `make`. */
-  async function appWithFile(n: number, count: number, make: (ids: bigint[], k: number) => Entry): Promise<bigint[]> {
-    t = await startTestApp({}, { scheduler: false });
+  /** A new app (no retry scheduler unless `app` says) with `n` funded users and its usage file: `count` NDJSON entries, the k-th made by `make`. */
+  async function appWithFile(
+    n: number,
+    count: number,
+    make: (ids: bigint[], k: number) => Entry,
+    app: Parameters<typeof startTestApp>[1] = { scheduler: false },
+  ): Promise<bigint[]> {
+    t = await startTestApp({}, app);
     const ids = await users(n);
     writeNdjson(
       path.join(t.dir, 'usage-logs.json'),
@@ -130,12 +135,7 @@ describe('ingestion in chunks', () => {
     // Sealed records are due at once (the scheduler's, should the run die first). A look of the scheduler between
     // the run's charge transactions took the rest 5,000 to a transaction, and the run counted only its own.
     const N = 1_200;
-    t = await startTestApp({}, { schedulerPollMs: 1 });
-    const ids = await users(N);
-    writeNdjson(
-      path.join(t.dir, 'usage-logs.json'),
-      ids.map((id, k) => entry(Number(id), 'api-calls', 1, { id: `s-${k}` })),
-    );
+    await appWithFile(N, N, (u, k) => entry(Number(u[k]), 'api-calls', 1, { id: `s-${k}` }), { schedulerPollMs: 1 });
     const run = (await call(t.jobs, 'processLogs', {}, LONG)).jobRun!;
     expect([run.status, run.billingRecordsCreated, run.chargesSucceeded]).toEqual([jobPb.JobRunStatus.JOB_RUN_STATUS_SUCCEEDED, BigInt(N), BigInt(N)]);
     const [{ n }] = await q(`select count(*) as n from billing_records where kind = 'USAGE' and status = 'PAID'`);
